@@ -1,0 +1,147 @@
+//! Subject names (DESIGN.md §3), all under one configurable prefix.
+
+use chappe_proto::ids::UserId;
+
+/// The default prefix.
+pub const DEFAULT_PREFIX: &str = "chappe";
+
+/// Queue groups, one per service.
+pub const FANOUT_GROUP: &str = "fanout";
+pub const KEYDIR_GROUP: &str = "keydir";
+/// The consumer group of delivery workers.
+pub const DELIVERY_GROUP: &str = "fanout-delivery";
+
+/// Builds subject names from the prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+/// Request/reply methods served by fanout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanoutMethod {
+    CreateConversation,
+    ListConversations,
+    GetConversation,
+    UpdateMembership,
+    Submit,
+    SubmitToDevice,
+    AckToDevice,
+    Sync,
+    History,
+}
+
+impl FanoutMethod {
+    pub const ALL: [FanoutMethod; 9] = [
+        Self::CreateConversation,
+        Self::ListConversations,
+        Self::GetConversation,
+        Self::UpdateMembership,
+        Self::Submit,
+        Self::SubmitToDevice,
+        Self::AckToDevice,
+        Self::Sync,
+        Self::History,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateConversation => "create_conversation",
+            Self::ListConversations => "list_conversations",
+            Self::GetConversation => "get_conversation",
+            Self::UpdateMembership => "update_membership",
+            Self::Submit => "submit",
+            Self::SubmitToDevice => "submit_to_device",
+            Self::AckToDevice => "ack_to_device",
+            Self::Sync => "sync",
+            Self::History => "history",
+        }
+    }
+}
+
+/// Request/reply methods served by keydir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeydirMethod {
+    UploadKeys,
+    QueryDevices,
+    ClaimKeys,
+}
+
+impl KeydirMethod {
+    pub const ALL: [KeydirMethod; 3] = [Self::UploadKeys, Self::QueryDevices, Self::ClaimKeys];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UploadKeys => "upload_keys",
+            Self::QueryDevices => "query_devices",
+            Self::ClaimKeys => "claim_keys",
+        }
+    }
+}
+
+impl Subjects {
+    /// `prefix` must be one or more subject tokens without wildcards.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.rpc.fanout.<method>`
+    pub fn fanout(&self, method: FanoutMethod) -> String {
+        format!("{}.rpc.fanout.{}", self.prefix, method.as_str())
+    }
+
+    /// `<prefix>.rpc.keydir.<method>`
+    pub fn keydir(&self, method: KeydirMethod) -> String {
+        format!("{}.rpc.keydir.{}", self.prefix, method.as_str())
+    }
+
+    /// `<prefix>.jobs.deliver`: the durable queue of delivery jobs.
+    pub fn jobs_deliver(&self) -> String {
+        format!("{}.jobs.deliver", self.prefix)
+    }
+
+    /// `<prefix>.deliver.u.<user>`: deliveries for the connected devices of a user.
+    pub fn deliver_user(&self, user: &UserId) -> String {
+        format!("{}.deliver.u.{}", self.prefix, user_token(user))
+    }
+
+    /// `<prefix>.evt.keys.<user>`: a user's device list changed.
+    pub fn evt_keys(&self, user: &UserId) -> String {
+        format!("{}.evt.keys.{}", self.prefix, user_token(user))
+    }
+}
+
+/// A user id as one subject token: `.` separates tokens, so it becomes `~`,
+/// which user ids never contain (the mapping is one to one).
+fn user_token(user: &UserId) -> String {
+    user.as_str().replace('.', "~")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_is_one_token() {
+        let s = Subjects::default();
+        let user = UserId::parse("jean.dupont").unwrap();
+        assert_eq!(s.deliver_user(&user), "chappe.deliver.u.jean~dupont");
+        assert!(crate::subject_matches("chappe.deliver.u.*", &s.deliver_user(&user)));
+        assert_eq!(
+            Subjects::new("x.y").fanout(FanoutMethod::Submit),
+            "x.y.rpc.fanout.submit"
+        );
+    }
+}
