@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chappe_proto::internal::{ServiceError, ServiceReply, service_reply};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use prost::Message as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::{Bus, Error, Headers};
+use crate::{Bus, Error, Headers, Requests};
 
 /// A failed call: a gRPC status code, a message for the client, and for
 /// `RESOURCE_EXHAUSTED` when to try again.
@@ -167,8 +169,23 @@ where
     H: Fn(Req) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, RpcError>> + Send + 'static,
 {
-    let mut requests = bus.serve(subject, queue_group).await?;
-    let handler = Arc::new(handler);
+    let requests = bus.serve(subject, queue_group).await?;
+    serve_requests(requests, subject.to_owned(), max_in_flight, Arc::new(handler), shutdown).await
+}
+
+async fn serve_requests<Req, Resp, H, Fut>(
+    mut requests: Requests,
+    subject: String,
+    max_in_flight: usize,
+    handler: Arc<H>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error>
+where
+    Req: prost::Message + Default + 'static,
+    Resp: prost::Message + 'static,
+    H: Fn(Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Resp, RpcError>> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut in_flight = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -183,7 +200,7 @@ where
         };
         while in_flight.try_join_next().is_some() {}
         let handler = handler.clone();
-        let subject = subject.to_owned();
+        let subject = subject.clone();
         in_flight.spawn(async move {
             let _permit = permit;
             let result = match Req::decode(request.message.payload.clone()) {
@@ -198,6 +215,9 @@ where
                         Err(RpcError::internal("the service failed on this request"))
                     }),
             };
+            if let Err(e) = &result {
+                tracing::debug!(%subject, code = ?e.code, message = %e.message, "request refused");
+            }
             let reply = ServiceReply {
                 result: Some(match result {
                     Ok(resp) => service_reply::Result::Ok(resp.encode_to_vec()),
@@ -212,6 +232,88 @@ where
     drop(requests);
     while in_flight.join_next().await.is_some() {}
     Ok(())
+}
+
+type Route = Box<dyn FnOnce(Requests, CancellationToken) -> BoxFuture<'static, Result<(), Error>> + Send>;
+
+/// A service's set of methods, served together and stopped together.
+///
+/// ```text
+/// let server = Server::new(bus, "keydir", 64)
+///     .route(subjects.keydir(KeydirMethod::UploadKeys), move |r| svc.upload(r))
+///     .start().await?;          // every subject is subscribed once this returns
+/// server.stop().await;          // stop taking requests, finish those in hand
+/// ```
+pub struct Server {
+    bus: Arc<dyn Bus>,
+    queue_group: String,
+    max_in_flight: usize,
+    routes: Vec<(String, Route)>,
+}
+
+impl Server {
+    /// `max_in_flight` bounds the requests each method runs at once.
+    pub fn new(bus: Arc<dyn Bus>, queue_group: impl Into<String>, max_in_flight: usize) -> Self {
+        Self {
+            bus,
+            queue_group: queue_group.into(),
+            max_in_flight,
+            routes: Vec::new(),
+        }
+    }
+
+    pub fn route<Req, Resp, H, Fut>(mut self, subject: String, handler: H) -> Self
+    where
+        Req: prost::Message + Default + 'static,
+        Resp: prost::Message + 'static,
+        H: Fn(Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, RpcError>> + Send + 'static,
+    {
+        let max = self.max_in_flight;
+        let name = subject.clone();
+        let route: Route = Box::new(move |requests, token| {
+            Box::pin(serve_requests(
+                requests,
+                name,
+                max,
+                Arc::new(handler),
+                token.cancelled_owned(),
+            ))
+        });
+        self.routes.push((subject, route));
+        self
+    }
+
+    /// Subscribes every route, then serves them in the background.
+    pub async fn start(self) -> Result<RunningServer, Error> {
+        let token = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for (subject, route) in self.routes {
+            let requests = self.bus.serve(&subject, &self.queue_group).await?;
+            tasks.spawn(route(requests, token.clone()));
+        }
+        Ok(RunningServer { token, tasks })
+    }
+}
+
+/// Handle on a started [`Server`].
+pub struct RunningServer {
+    token: CancellationToken,
+    tasks: JoinSet<Result<(), Error>>,
+}
+
+impl RunningServer {
+    /// Stops taking requests and waits for those in hand.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until `shutdown` resolves, then stops.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        self.stop().await;
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +377,33 @@ mod tests {
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
         let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 5 }, t).await.unwrap_err();
+        assert_eq!(err.code, Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_server_is_subscribed_when_started_and_drains_on_stop() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
+        let server = Server::new(bus.clone(), "t", 8)
+            .route("t.a".into(), |p: Ping| async move { Ok(Pong { nonce: p.nonce }) })
+            .route("t.slow".into(), |p: Ping| async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(Pong { nonce: p.nonce })
+            })
+            .start()
+            .await
+            .unwrap();
+        let t = Duration::from_secs(2);
+        let pong: Pong = call(&*bus, "t.a", &Ping { nonce: 7 }, t).await.unwrap();
+        assert_eq!(pong.nonce, 7);
+        let slow = {
+            let bus = bus.clone();
+            tokio::spawn(async move { call::<_, Pong>(&*bus, "t.slow", &Ping { nonce: 9 }, t).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.stop().await;
+        // The request in hand was finished, not dropped.
+        assert_eq!(slow.await.unwrap().unwrap().nonce, 9);
+        let err = call::<_, Pong>(&*bus, "t.a", &Ping { nonce: 1 }, t).await.unwrap_err();
         assert_eq!(err.code, Code::Unavailable);
     }
 }
