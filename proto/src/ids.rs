@@ -16,7 +16,11 @@ pub enum IdError {
     #[error("{kind} is empty")]
     Empty { kind: &'static str },
     #[error("{kind} is {len} characters long, the limit is {max}")]
-    TooLong { kind: &'static str, len: usize, max: usize },
+    TooLong {
+        kind: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("{kind} {value:?} contains {bad:?}; allowed: {allowed}")]
     BadChar {
         kind: &'static str,
@@ -215,11 +219,13 @@ impl MessageId {
     }
 
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        parse_hex32(value).map(Self).ok_or_else(|| IdError::Malformed {
-            kind: "message id",
-            value: value.to_owned(),
-            why: "must be 32 lowercase hex digits",
-        })
+        parse_hex32(value)
+            .map(Self)
+            .ok_or_else(|| IdError::Malformed {
+                kind: "message id",
+                value: value.to_owned(),
+                why: "must be 32 lowercase hex digits",
+            })
     }
 }
 
@@ -293,7 +299,10 @@ mod tests {
     fn user_and_device_ids_are_narrow() {
         assert!(UserId::parse("alice.martin-2").is_ok());
         assert!(matches!(UserId::parse(""), Err(IdError::Empty { .. })));
-        assert!(matches!(UserId::parse("Alice"), Err(IdError::BadChar { .. })));
+        assert!(matches!(
+            UserId::parse("Alice"),
+            Err(IdError::BadChar { .. })
+        ));
         assert!(matches!(UserId::parse("a>b"), Err(IdError::BadChar { .. })));
         assert!(matches!(UserId::parse("a*"), Err(IdError::BadChar { .. })));
         assert!(DeviceId::parse("LAPTOP_1").is_ok());

@@ -13,8 +13,10 @@ pub fn device_keys_bytes(
     ed25519: &str,
     created_at_ms: i64,
 ) -> Vec<u8> {
-    format!("chappe.v1.device_keys\n{user_id}\n{device_id}\n{curve25519}\n{ed25519}\n{created_at_ms}")
-        .into_bytes()
+    format!(
+        "chappe.v1.device_keys\n{user_id}\n{device_id}\n{curve25519}\n{ed25519}\n{created_at_ms}"
+    )
+    .into_bytes()
 }
 
 /// What a device's Ed25519 key signs to vouch for a one-time or fallback key.
@@ -27,8 +29,6 @@ pub fn one_time_key_bytes(
     created_at_ms: i64,
 ) -> Vec<u8> {
     let kind = if fallback { "fallback" } else { "one_time" };
-    format!(
-        "chappe.v1.{kind}_key\n{user_id}\n{device_id}\n{key_id}\n{curve25519}\n{created_at_ms}"
-    )
-    .into_bytes()
+    format!("chappe.v1.{kind}_key\n{user_id}\n{device_id}\n{key_id}\n{curve25519}\n{created_at_ms}")
+        .into_bytes()
 }

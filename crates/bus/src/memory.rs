@@ -63,6 +63,7 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
+    observers: Vec<mpsc::UnboundedSender<Message>>,
     subscriptions: HashMap<u64, (String, mpsc::Sender<Message>)>,
     servers: HashMap<String, Vec<(u64, mpsc::Sender<Request>)>>,
     round_robin: HashMap<String, usize>,
@@ -91,6 +92,15 @@ impl MemoryBus {
                 state: Mutex::new(State::default()),
             }),
         }
+    }
+
+    /// A copy of every message that crosses the bus from now on: publishes,
+    /// requests, replies and enqueued jobs. For audits and tests (for
+    /// example, that no plaintext ever travels between services).
+    pub fn observe(&self) -> mpsc::UnboundedReceiver<Message> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inner.state().observers.push(tx);
+        rx
     }
 
     /// Jobs in `queue` not yet acked (waiting or in hand).
@@ -128,7 +138,15 @@ impl Inner {
             .clone()
     }
 
+    fn observed(&self, message: &Message) {
+        let mut state = self.state();
+        if !state.observers.is_empty() {
+            state.observers.retain(|o| o.send(message.clone()).is_ok());
+        }
+    }
+
     fn publish(&self, message: Message) {
+        self.observed(&message);
         let targets: Vec<mpsc::Sender<Message>> = self
             .state()
             .subscriptions
@@ -189,7 +207,13 @@ impl MemoryAcker {
         self.message.take()
     }
 
-    fn redeliver(queue: Arc<Queue>, bus: Weak<Inner>, name: String, message: Message, attempt: u32) {
+    fn redeliver(
+        queue: Arc<Queue>,
+        bus: Weak<Inner>,
+        name: String,
+        message: Message,
+        attempt: u32,
+    ) {
         let Some(bus) = bus.upgrade() else { return };
         if attempt >= bus.config.max_deliver {
             tracing::error!(queue = %name, attempt, "job exhausted its deliveries: dead-lettered");
@@ -294,14 +318,13 @@ impl Bus for MemoryBus {
             servers[*turn % servers.len()].1.clone()
         };
         let (tx, rx) = oneshot::channel();
-        let request = Request::new(
-            Message {
-                subject: subject.to_owned(),
-                headers,
-                payload,
-            },
-            Box::new(OneshotReplier(tx)),
-        );
+        let message = Message {
+            subject: subject.to_owned(),
+            headers,
+            payload,
+        };
+        self.inner.observed(&message);
+        let request = Request::new(message, Box::new(OneshotReplier(tx)));
         let timed_out = || Error::Timeout {
             subject: subject.to_owned(),
             timeout,
@@ -312,16 +335,19 @@ impl Bus for MemoryBus {
                 .await
                 .map_err(|_| Error::NoResponders(subject.to_owned()))?;
             // A server that drops the request without answering: no responder.
-            rx.await.map_err(|_| Error::NoResponders(subject.to_owned()))
+            rx.await
+                .map_err(|_| Error::NoResponders(subject.to_owned()))
         };
         let payload = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| timed_out())??;
-        Ok(Message {
-            subject: subject.to_owned(),
+        let reply = Message {
+            subject: format!("{subject}.reply"),
             headers: Headers::new(),
             payload,
-        })
+        };
+        self.inner.observed(&reply);
+        Ok(reply)
     }
 
     async fn serve(&self, subject: &str, _queue_group: &str) -> Result<Requests> {
@@ -357,16 +383,14 @@ impl Bus for MemoryBus {
     async fn enqueue(&self, queue: &str, headers: Headers, payload: Bytes) -> Result<()> {
         validate_subject(queue, false)?;
         let q = self.inner.queue(queue);
+        let message = Message {
+            subject: queue.to_owned(),
+            headers,
+            payload,
+        };
+        self.inner.observed(&message);
         q.pending.fetch_add(1, Ordering::Relaxed);
-        q.tx.send((
-            Message {
-                subject: queue.to_owned(),
-                headers,
-                payload,
-            },
-            0,
-        ))
-        .map_err(|_| Error::Closed)
+        q.tx.send((message, 0)).map_err(|_| Error::Closed)
     }
 
     async fn consume(&self, queue: &str, _consumer_group: &str) -> Result<Jobs> {
@@ -422,7 +446,12 @@ mod tests {
     async fn requests_round_robin_and_report_missing_servers() {
         let bus = bus();
         let err = bus
-            .request("svc.x", Headers::new(), Bytes::new(), Duration::from_secs(1))
+            .request(
+                "svc.x",
+                Headers::new(),
+                Bytes::new(),
+                Duration::from_secs(1),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::NoResponders(_)));
@@ -438,7 +467,12 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..4 {
             let reply = bus
-                .request("svc.x", Headers::new(), Bytes::new(), Duration::from_secs(1))
+                .request(
+                    "svc.x",
+                    Headers::new(),
+                    Bytes::new(),
+                    Duration::from_secs(1),
+                )
                 .await
                 .unwrap();
             seen.insert(reply.payload);
@@ -456,7 +490,12 @@ mod tests {
             drop(r);
         });
         let err = bus
-            .request("svc.slow", Headers::new(), Bytes::new(), Duration::from_millis(50))
+            .request(
+                "svc.slow",
+                Headers::new(),
+                Bytes::new(),
+                Duration::from_millis(50),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }));

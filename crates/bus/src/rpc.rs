@@ -18,7 +18,7 @@ use prost::Message as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+pub use tonic::Code;
 
 use crate::{Bus, Error, Headers, Requests};
 
@@ -111,10 +111,8 @@ pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
 impl From<RpcError> for tonic::Status {
     fn from(e: RpcError) -> Self {
         let mut status = tonic::Status::new(e.code, e.message);
-        if let Some(after) = e.retry_after {
-            if let Ok(v) = after.as_millis().to_string().parse() {
-                status.metadata_mut().insert(RETRY_AFTER_METADATA, v);
-            }
+        if let Some(Ok(v)) = e.retry_after.map(|a| a.as_millis().to_string().parse()) {
+            status.metadata_mut().insert(RETRY_AFTER_METADATA, v);
         }
         status
     }
@@ -170,7 +168,14 @@ where
     Fut: Future<Output = Result<Resp, RpcError>> + Send + 'static,
 {
     let requests = bus.serve(subject, queue_group).await?;
-    serve_requests(requests, subject.to_owned(), max_in_flight, Arc::new(handler), shutdown).await
+    serve_requests(
+        requests,
+        subject.to_owned(),
+        max_in_flight,
+        Arc::new(handler),
+        shutdown,
+    )
+    .await
 }
 
 async fn serve_requests<Req, Resp, H, Fut>(
@@ -234,7 +239,8 @@ where
     Ok(())
 }
 
-type Route = Box<dyn FnOnce(Requests, CancellationToken) -> BoxFuture<'static, Result<(), Error>> + Send>;
+type Route =
+    Box<dyn FnOnce(Requests, CancellationToken) -> BoxFuture<'static, Result<(), Error>> + Send>;
 
 /// A service's set of methods, served together and stopped together.
 ///
@@ -336,7 +342,10 @@ mod tests {
                 4,
                 |p: Ping| async move {
                     match p.nonce {
-                        0 => Err(RpcError::resource_exhausted("slow down", Duration::from_secs(2))),
+                        0 => Err(RpcError::resource_exhausted(
+                            "slow down",
+                            Duration::from_secs(2),
+                        )),
                         1 => panic!("boom"),
                         n => Ok(Pong { nonce: n + 1 }),
                     }
@@ -352,18 +361,27 @@ mod tests {
         let pong: Pong = call(&bus, "t.ping", &Ping { nonce: 41 }, t).await.unwrap();
         assert_eq!(pong.nonce, 42);
 
-        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 0 }, t).await.unwrap_err();
+        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 0 }, t)
+            .await
+            .unwrap_err();
         assert_eq!(err.code, Code::ResourceExhausted);
         assert_eq!(err.retry_after, Some(Duration::from_secs(2)));
         let status = tonic::Status::from(err);
         assert_eq!(status.metadata().get(RETRY_AFTER_METADATA).unwrap(), "2000");
 
-        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 1 }, t).await.unwrap_err();
+        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 1 }, t)
+            .await
+            .unwrap_err();
         assert_eq!(err.code, Code::Internal);
 
         // Garbage on the wire: INVALID_ARGUMENT, and the server keeps serving.
         let reply = bus
-            .request("t.ping", Headers::new(), Bytes::from_static(&[0xff, 0xff]), t)
+            .request(
+                "t.ping",
+                Headers::new(),
+                Bytes::from_static(&[0xff, 0xff]),
+                t,
+            )
             .await
             .unwrap();
         let reply = ServiceReply::decode(reply.payload).unwrap();
@@ -371,12 +389,16 @@ mod tests {
             reply.result,
             Some(service_reply::Result::Error(ServiceError { code: 3, .. }))
         ));
-        let pong: Pong = call(&bus, "t.ping", &Ping { nonce: 1 << 40 }, t).await.unwrap();
+        let pong: Pong = call(&bus, "t.ping", &Ping { nonce: 1 << 40 }, t)
+            .await
+            .unwrap();
         assert_eq!(pong.nonce, (1 << 40) + 1);
 
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
-        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 5 }, t).await.unwrap_err();
+        let err = call::<_, Pong>(&bus, "t.ping", &Ping { nonce: 5 }, t)
+            .await
+            .unwrap_err();
         assert_eq!(err.code, Code::Unavailable);
     }
 
@@ -384,7 +406,9 @@ mod tests {
     async fn a_server_is_subscribed_when_started_and_drains_on_stop() {
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
         let server = Server::new(bus.clone(), "t", 8)
-            .route("t.a".into(), |p: Ping| async move { Ok(Pong { nonce: p.nonce }) })
+            .route("t.a".into(), |p: Ping| async move {
+                Ok(Pong { nonce: p.nonce })
+            })
             .route("t.slow".into(), |p: Ping| async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 Ok(Pong { nonce: p.nonce })
@@ -397,13 +421,17 @@ mod tests {
         assert_eq!(pong.nonce, 7);
         let slow = {
             let bus = bus.clone();
-            tokio::spawn(async move { call::<_, Pong>(&*bus, "t.slow", &Ping { nonce: 9 }, t).await })
+            tokio::spawn(
+                async move { call::<_, Pong>(&*bus, "t.slow", &Ping { nonce: 9 }, t).await },
+            )
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         server.stop().await;
         // The request in hand was finished, not dropped.
         assert_eq!(slow.await.unwrap().unwrap().nonce, 9);
-        let err = call::<_, Pong>(&*bus, "t.a", &Ping { nonce: 1 }, t).await.unwrap_err();
+        let err = call::<_, Pong>(&*bus, "t.a", &Ping { nonce: 1 }, t)
+            .await
+            .unwrap_err();
         assert_eq!(err.code, Code::Unavailable);
     }
 }

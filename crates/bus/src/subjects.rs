@@ -138,7 +138,10 @@ mod tests {
         let s = Subjects::default();
         let user = UserId::parse("jean.dupont").unwrap();
         assert_eq!(s.deliver_user(&user), "chappe.deliver.u.jean~dupont");
-        assert!(crate::subject_matches("chappe.deliver.u.*", &s.deliver_user(&user)));
+        assert!(crate::subject_matches(
+            "chappe.deliver.u.*",
+            &s.deliver_user(&user)
+        ));
         assert_eq!(
             Subjects::new("x.y").fanout(FanoutMethod::Submit),
             "x.y.rpc.fanout.submit"

@@ -1,1 +1,71 @@
+//! fanout: conversations, their membership log, messages and per-device
+//! inboxes, and the delivery of what it stores (DESIGN.md §3).
+//!
+//! - [`config::FanoutConfig`]: every limit, with its default;
+//! - [`service`]: the request/reply handlers (`chappe.rpc.fanout.*`):
+//!   create/list/get conversations, update membership, submit, submit to
+//!   device, ack, sync, history;
+//! - [`delivery`]: the workers that take `chappe.jobs.deliver` and publish
+//!   each stored message to its members' `chappe.deliver.u.<user>`;
+//! - [`convert`]: wire types to domain types and back, validated;
+//! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place.
+//!
+//! *Architecture invariant*: fanout is the only writer of the conversation,
+//! message and inbox tables, and it answers a submit only after the store
+//! has committed the message (persist before acknowledge).
 
+pub mod config;
+pub mod convert;
+pub mod delivery;
+pub mod error;
+pub mod service;
+
+use std::sync::Arc;
+
+use chappe_bus::rpc::RunningServer;
+use chappe_bus::{Bus, Subjects};
+use chappe_storage::{ConversationRepo, InboxRepo, MessageRepo};
+
+pub use config::FanoutConfig;
+pub use error::Error;
+
+/// The tables fanout owns.
+pub trait FanoutStore: ConversationRepo + MessageRepo + InboxRepo {}
+
+impl<T: ConversationRepo + MessageRepo + InboxRepo> FanoutStore for T {}
+
+/// A running fanout: its request handlers and its delivery workers.
+pub struct Fanout {
+    server: RunningServer,
+    delivery: delivery::Workers,
+}
+
+impl Fanout {
+    /// Subscribes every method and starts the delivery workers; returns once
+    /// fanout is ready to serve.
+    pub async fn start(
+        config: FanoutConfig,
+        store: Arc<dyn FanoutStore>,
+        bus: Arc<dyn Bus>,
+        subjects: Subjects,
+    ) -> Result<Self, chappe_bus::Error> {
+        let service = Arc::new(service::Service::new(
+            config.clone(),
+            store.clone(),
+            bus.clone(),
+            subjects.clone(),
+        ));
+        let server = service::routes(service, bus.clone(), &subjects, config.max_in_flight)
+            .start()
+            .await?;
+        let delivery = delivery::Workers::start(&config, store, bus, subjects).await?;
+        Ok(Self { server, delivery })
+    }
+
+    /// Stops taking requests and jobs; finishes what is in hand. Jobs not
+    /// taken stay queued for another fanout.
+    pub async fn stop(self) {
+        self.server.stop().await;
+        self.delivery.stop().await;
+    }
+}

@@ -1,0 +1,52 @@
+//! fanout's limits and settings.
+
+use std::time::Duration;
+
+/// Every limit fanout enforces. Going over one gets the caller a precise
+/// gRPC status naming the limit.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// Requests each method handles at once (default 256).
+    pub max_in_flight: usize,
+    /// Largest Megolm ciphertext of one message, in bytes (default 64 KiB).
+    pub max_message_bytes: usize,
+    /// Largest Olm ciphertext of one to-device message (default 16 KiB).
+    pub max_to_device_bytes: usize,
+    /// Most recipients of one to-device batch (default 2,000).
+    pub max_to_device_batch: usize,
+    /// Most members of a group (default 1,000).
+    pub max_group_members: usize,
+    /// Messages per conversation in one sync answer when the client does
+    /// not say (default 100) and at most (default 500).
+    pub sync_limit: u32,
+    pub max_sync_limit: u32,
+    /// Inbox entries in one sync answer (default 500).
+    pub sync_inbox_limit: usize,
+    /// History page when the client does not say (default 50) and at most
+    /// (default 500).
+    pub history_limit: u32,
+    pub max_history_limit: u32,
+    /// Delivery workers per fanout process (default 4).
+    pub delivery_workers: usize,
+    /// Wait before a failed delivery job is tried again (default 1 s).
+    pub delivery_retry_delay: Duration,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            max_message_bytes: 64 * 1024,
+            max_to_device_bytes: 16 * 1024,
+            max_to_device_batch: 2_000,
+            max_group_members: 1_000,
+            sync_limit: 100,
+            max_sync_limit: 500,
+            sync_inbox_limit: 500,
+            history_limit: 50,
+            max_history_limit: 500,
+            delivery_workers: 4,
+            delivery_retry_delay: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Delivery workers: take `chappe.jobs.deliver`, load the stored message and
+//! publish it to every member's `chappe.deliver.u.<user>`.
+//!
+//! A job is acked only after every member was published to; a job that
+//! fails on the store is nacked and comes back after
+//! `delivery_retry_delay`. Publishing twice is harmless: clients dedupe by
+//! message id.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chappe_bus::subjects::DELIVERY_GROUP;
+use chappe_bus::{Bus, Headers, Job, Subjects};
+use chappe_proto::ids::{ConversationId, MessageId, UserId};
+use chappe_proto::internal::{DeliverJob, UserDelivery, user_delivery};
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::FanoutStore;
+use crate::config::FanoutConfig;
+use crate::convert;
+use crate::error::{Error, Result};
+
+/// The running workers of one fanout.
+pub struct Workers {
+    token: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Workers {
+    pub async fn start(
+        config: &FanoutConfig,
+        store: Arc<dyn FanoutStore>,
+        bus: Arc<dyn Bus>,
+        subjects: Subjects,
+    ) -> Result<Self, chappe_bus::Error> {
+        let token = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for _ in 0..config.delivery_workers.max(1) {
+            let jobs = bus
+                .consume(&subjects.jobs_deliver(), DELIVERY_GROUP)
+                .await?;
+            let worker = Worker {
+                store: store.clone(),
+                bus: bus.clone(),
+                subjects: subjects.clone(),
+                retry_delay: config.delivery_retry_delay,
+            };
+            tasks.spawn(worker.run(jobs, token.clone()));
+        }
+        Ok(Self { token, tasks })
+    }
+
+    /// Stops taking jobs; the job in hand of each worker is finished.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Worker {
+    store: Arc<dyn FanoutStore>,
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    retry_delay: std::time::Duration,
+}
+
+impl Worker {
+    async fn run(self, mut jobs: chappe_bus::Jobs, token: CancellationToken) {
+        loop {
+            let job = tokio::select! {
+                _ = token.cancelled() => break,
+                job = jobs.next() => match job { Some(job) => job, None => break },
+            };
+            self.handle(job).await;
+        }
+    }
+
+    async fn handle(&self, job: Job) {
+        let settled = match self.deliver(&job.message.payload).await {
+            Ok(()) => job.ack().await,
+            Err(Error::Store(e)) => {
+                tracing::warn!(error = %e, attempt = job.attempt, "delivery failed; will retry");
+                job.nack(self.retry_delay).await
+            }
+            Err(e) => {
+                // A job that can never succeed (malformed, or its message is
+                // gone) is dropped rather than retried forever.
+                tracing::error!(error = %e, "undeliverable job dropped");
+                job.ack().await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "delivery job not settled; it will come back");
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(conversation, message))]
+    async fn deliver(&self, payload: &Bytes) -> Result<()> {
+        let job = DeliverJob::decode(payload.clone())
+            .map_err(|e| Error::Invalid(format!("malformed delivery job: {e}")))?;
+        let conversation = ConversationId::parse(&job.conversation_id)?;
+        let message_id = MessageId::parse(&job.message_id)?;
+        let span = tracing::Span::current();
+        span.record("conversation", tracing::field::display(conversation));
+        span.record("message", tracing::field::display(message_id));
+        let row = self
+            .store
+            .get_message(conversation, message_id)
+            .await?
+            .ok_or_else(|| Error::Invalid(format!("message {message_id} is not stored")))?;
+        let delivery = UserDelivery {
+            item: Some(user_delivery::Item::Message(convert::message(row))),
+        };
+        let payload = Bytes::from(delivery.encode_to_vec());
+        for member in self.store.members(conversation).await? {
+            let Ok(user) = UserId::parse(member) else {
+                continue;
+            };
+            if let Err(e) = self
+                .bus
+                .publish(
+                    &self.subjects.deliver_user(&user),
+                    Headers::new(),
+                    payload.clone(),
+                )
+                .await
+            {
+                // Core publish is at most once anyway; the member syncs.
+                tracing::warn!(error = %e, %user, "delivery not published");
+            }
+        }
+        Ok(())
+    }
+}

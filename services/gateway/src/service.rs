@@ -1,0 +1,403 @@
+//! The `Auth` and `Gateway` gRPC services.
+//!
+//! Unary RPCs are forwarded to their owning service over the bus, wrapped
+//! with the caller's [`Identity`]. `Connect` carries one device's frames:
+//! each is answered with the same `request_id`, and failures of one frame
+//! come back as a `FrameError` while the stream goes on. Only a broken
+//! stream (an unreadable or oversized frame) ends it, with a precise status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chappe_bus::subjects::{FanoutMethod, KeydirMethod};
+use chappe_bus::{Bus, RpcError, Subjects, rpc};
+use chappe_proto::ids::DeviceId;
+use chappe_proto::internal as wire;
+use chappe_proto::v1::{self, ClientFrame, FrameError, ServerFrame, client_frame, server_frame};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::auth::{Identity, IdentityProvider, SessionKeys};
+use crate::config::GatewayConfig;
+use crate::connections::Connections;
+use crate::limits::Limits;
+
+/// How often rate-limit tables are swept.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+struct Inner {
+    config: GatewayConfig,
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    connections: Arc<Connections>,
+    limits: Limits,
+}
+
+/// The `Gateway` service.
+#[derive(Clone)]
+pub struct GatewayService(Arc<Inner>);
+
+impl GatewayService {
+    pub fn new(
+        config: GatewayConfig,
+        bus: Arc<dyn Bus>,
+        subjects: Subjects,
+        connections: Arc<Connections>,
+    ) -> Self {
+        let limits = Limits::new(&config);
+        let inner = Arc::new(Inner {
+            config,
+            bus,
+            subjects,
+            connections,
+            limits,
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => inner.limits.housekeeping(),
+                    None => return,
+                }
+            }
+        });
+        Self(inner)
+    }
+
+    pub fn connections(&self) -> Arc<Connections> {
+        self.0.connections.clone()
+    }
+}
+
+impl Inner {
+    async fn call<Req, Resp>(&self, subject: String, request: &Req) -> Result<Resp, RpcError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        rpc::call(&*self.bus, &subject, request, self.config.rpc_timeout).await
+    }
+
+    /// Forwards a unary call after the caller's rate limit.
+    async fn unary<Req, Resp>(
+        &self,
+        identity: &Identity,
+        subject: String,
+        request: &Req,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        self.limits.call(identity)?;
+        Ok(Response::new(self.call(subject, request).await?))
+    }
+
+    fn fanout(&self, method: FanoutMethod) -> String {
+        self.subjects.fanout(method)
+    }
+
+    /// Answers one frame of a `Connect` stream.
+    async fn frame(&self, identity: &Identity, frame: ClientFrame) -> ServerFrame {
+        let request_id = frame.request_id;
+        let body = match self.frame_body(identity, frame.body).await {
+            Ok(body) => body,
+            Err(e) => server_frame::Body::Error(FrameError {
+                code: e.code as u32,
+                message: e.message,
+                retry_after_ms: e.retry_after.map_or(0, |d| d.as_millis() as u64),
+            }),
+        };
+        ServerFrame {
+            request_id,
+            body: Some(body),
+        }
+    }
+
+    async fn frame_body(
+        &self,
+        identity: &Identity,
+        body: Option<client_frame::Body>,
+    ) -> Result<server_frame::Body, RpcError> {
+        use client_frame::Body as In;
+        use server_frame::Body as Out;
+        let actor = Some(identity.to_wire());
+        match body.ok_or_else(|| RpcError::invalid_argument("frame has no body"))? {
+            In::Send(request) => {
+                self.limits.send(identity)?;
+                let req = wire::Submit {
+                    actor,
+                    request: Some(request),
+                };
+                Ok(Out::Sent(
+                    self.call(self.fanout(FanoutMethod::Submit), &req).await?,
+                ))
+            }
+            In::SendToDevice(request) => {
+                self.limits.send(identity)?;
+                let req = wire::SubmitToDevice {
+                    actor,
+                    request: Some(request),
+                };
+                let subject = self.fanout(FanoutMethod::SubmitToDevice);
+                Ok(Out::ToDeviceSent(self.call(subject, &req).await?))
+            }
+            In::AckToDevice(request) => {
+                let req = wire::AckToDevice {
+                    actor,
+                    request: Some(request),
+                };
+                let subject = self.fanout(FanoutMethod::AckToDevice);
+                Ok(Out::Acked(self.call(subject, &req).await?))
+            }
+            In::Sync(request) => {
+                let req = wire::Sync {
+                    actor,
+                    request: Some(request),
+                };
+                Ok(Out::Sync(
+                    self.call(self.fanout(FanoutMethod::Sync), &req).await?,
+                ))
+            }
+            In::Ping(ping) => Ok(Out::Pong(v1::Pong { nonce: ping.nonce })),
+        }
+    }
+
+    /// Reads one device's frames until it hangs up, breaks the stream or is
+    /// told to go; answers go to `tx`.
+    async fn serve_stream(
+        self: Arc<Self>,
+        identity: Identity,
+        mut inbound: Streaming<ClientFrame>,
+        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+        cancel: CancellationToken,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.config.max_pending_frames.max(1)));
+        let mut in_flight = JoinSet::new();
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => break,
+                next = inbound.message() => next,
+            };
+            let frame = match next {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(status) => {
+                    let status = self.stream_error(status);
+                    tracing::info!(user = %identity.user, device = %identity.device, code = ?status.code(), "stream ended: {}", status.message());
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            };
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            while in_flight.try_join_next().is_some() {}
+            let (this, identity, tx) = (self.clone(), identity.clone(), tx.clone());
+            in_flight.spawn(async move {
+                let _permit = permit;
+                let answer = this.frame(&identity, frame).await;
+                let _ = tx.send(Ok(answer)).await;
+            });
+        }
+        // Frames in hand get their answers (each bounded by rpc_timeout).
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// What a broken inbound stream tells the client.
+    fn stream_error(&self, status: Status) -> Status {
+        match status.code() {
+            // tonic reports a frame over max_decoding_message_size this way.
+            Code::OutOfRange => Status::resource_exhausted(format!(
+                "frame larger than max_frame_bytes ({} bytes): {}",
+                self.config.max_frame_bytes,
+                status.message()
+            )),
+            _ => status,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::gateway_server::Gateway for GatewayService {
+    type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<ClientFrame>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let identity = Identity::of(&request)?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.0.config.outbound_queue.max(1));
+        let cancel = CancellationToken::new();
+        let registration = self
+            .0
+            .connections
+            .register(&identity, tx.clone(), cancel.clone())
+            .await?;
+        tracing::info!(user = %identity.user, device = %identity.device, "device connected");
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            let who = (identity.user.clone(), identity.device.clone());
+            inner.serve_stream(identity, inbound, tx, cancel).await;
+            drop(registration);
+            tracing::info!(user = %who.0, device = %who.1, "device disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn upload_keys(
+        &self,
+        request: Request<v1::UploadKeysRequest>,
+    ) -> Result<Response<v1::UploadKeysResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::UploadKeys {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.subjects.keydir(KeydirMethod::UploadKeys);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn query_devices(
+        &self,
+        request: Request<v1::QueryDevicesRequest>,
+    ) -> Result<Response<v1::QueryDevicesResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::QueryDevices {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.subjects.keydir(KeydirMethod::QueryDevices);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn claim_keys(
+        &self,
+        request: Request<v1::ClaimKeysRequest>,
+    ) -> Result<Response<v1::ClaimKeysResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::ClaimKeys {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.subjects.keydir(KeydirMethod::ClaimKeys);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn create_conversation(
+        &self,
+        request: Request<v1::CreateConversationRequest>,
+    ) -> Result<Response<v1::CreateConversationResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::CreateConversation {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.fanout(FanoutMethod::CreateConversation);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<v1::ListConversationsRequest>,
+    ) -> Result<Response<v1::ListConversationsResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::ListConversations {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.fanout(FanoutMethod::ListConversations);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<v1::GetConversationRequest>,
+    ) -> Result<Response<v1::GetConversationResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::GetConversation {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.fanout(FanoutMethod::GetConversation);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn update_membership(
+        &self,
+        request: Request<v1::UpdateMembershipRequest>,
+    ) -> Result<Response<v1::UpdateMembershipResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::UpdateMembership {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.fanout(FanoutMethod::UpdateMembership);
+        self.0.unary(&identity, subject, &req).await
+    }
+
+    async fn history(
+        &self,
+        request: Request<v1::HistoryRequest>,
+    ) -> Result<Response<v1::HistoryResponse>, Status> {
+        let identity = Identity::of(&request)?;
+        let req = wire::History {
+            actor: Some(identity.to_wire()),
+            request: Some(request.into_inner()),
+        };
+        let subject = self.0.fanout(FanoutMethod::History);
+        self.0.unary(&identity, subject, &req).await
+    }
+}
+
+/// The `Auth` service: logs a device in.
+pub struct AuthService {
+    config: GatewayConfig,
+    keys: Arc<SessionKeys>,
+    identity: Arc<dyn IdentityProvider>,
+}
+
+impl AuthService {
+    pub fn new(
+        config: GatewayConfig,
+        keys: Arc<SessionKeys>,
+        identity: Arc<dyn IdentityProvider>,
+    ) -> Self {
+        Self {
+            config,
+            keys,
+            identity,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::auth_server::Auth for AuthService {
+    async fn login(
+        &self,
+        request: Request<v1::LoginRequest>,
+    ) -> Result<Response<v1::LoginResponse>, Status> {
+        let request = request.into_inner();
+        let device = DeviceId::parse(request.device_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let credential = request
+            .credential
+            .ok_or_else(|| Status::invalid_argument("a credential is required"))?;
+        let user = self.identity.authenticate(&credential).await?;
+        let identity = Identity { user, device };
+        let (session_token, expires_at_ms) = self.keys.issue(&identity, self.config.session_ttl);
+        tracing::info!(user = %identity.user, device = %identity.device, "device logged in");
+        Ok(Response::new(v1::LoginResponse {
+            session_token,
+            device: Some(identity.to_wire()),
+            expires_at_ms: expires_at_ms as i64,
+        }))
+    }
+}
