@@ -164,6 +164,16 @@ pub struct ConversationRow {
     pub membership_seq: u64,
 }
 
+impl ConversationRow {
+    /// When the conversation last saw activity: its newest message, or its
+    /// creation when it has none. [`ConversationRepo::conversations_of`]
+    /// orders by this, newest first.
+    pub fn last_activity_ms(&self) -> i64 {
+        let head_ms = self.head.map_or(0, |h| h.timestamp_ms() as i64);
+        self.created_at_ms.max(head_ms)
+    }
+}
+
 /// One entry of a conversation's membership log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipRow {
@@ -239,8 +249,11 @@ pub trait MessageRepo: Send + Sync {
     /// Stores a message once per (conversation, sender user, sender device,
     /// client_msg_id) and moves the conversation's head, atomically.
     async fn insert_message(&self, row: &MessageRow) -> Result<InsertMessage>;
-    async fn get_message(&self, conversation: ConversationId, id: MessageId)
-    -> Result<Option<MessageRow>>;
+    async fn get_message(
+        &self,
+        conversation: ConversationId,
+        id: MessageId,
+    ) -> Result<Option<MessageRow>>;
     /// Up to `limit` messages with ids greater than `after` (all when
     /// `None`), oldest first.
     async fn messages_after(
@@ -292,8 +305,7 @@ pub trait InboxRepo: Send + Sync {
     async fn inbox(&self, user_id: &str, device_id: &str, limit: usize) -> Result<Vec<InboxRow>>;
     /// Deletes acknowledged entries; unknown ids are ignored. Returns how
     /// many were removed.
-    async fn delete_inbox(&self, user_id: &str, device_id: &str, ids: &[MessageId])
-    -> Result<u64>;
+    async fn delete_inbox(&self, user_id: &str, device_id: &str, ids: &[MessageId]) -> Result<u64>;
 }
 
 /// Every repository at once: what a process that runs all services holds.
