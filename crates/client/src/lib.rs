@@ -1,1 +1,344 @@
+//! `chappe-client`: the client SDK that a CLI, a mobile app or a load
+//! generator embeds to talk to Chappe end-to-end encrypted.
+//!
+//! Its parts, kept apart:
+//! - [`crypto`]: a pure, I/O-free state machine over vodozemac: the device's
+//!   Olm account and signed keys, Olm sessions per remote device, Megolm
+//!   outbound sessions per conversation (with rotation) and the inbound
+//!   sessions received over Olm, with every check that keeps a hostile
+//!   server from forging a sender, a room key or a conversation;
+//! - [`state`]: the device's state directory, encrypted at rest
+//!   (Argon2id + XChaCha20-Poly1305), written atomically, locked against a
+//!   second process;
+//! - `transport`: gRPC: login, unary calls, and the `Connect` stream task
+//!   with request/answer correlation, pushes, reconnection with backoff;
+//! - [`Client`] (in `client`): the public API that ties them together:
+//!   sharing room keys before sending, processing room keys before messages,
+//!   persisting before any ciphertext leaves and before acknowledging;
+//! - [`error`]: one [`Error`] type with [`Result`].
+//!
+//! ```no_run
+//! # async fn demo() -> chappe_client::Result<()> {
+//! use chappe_client::{Client, ClientConfig, ConversationKind, Event};
+//! use chappe_proto::ids::UserId;
+//!
+//! let config = ClientConfig::new("http://127.0.0.1:7070", "/tmp/alice-laptop", "passphrase");
+//! let alice = Client::login_dev(config, "alice", "LAPTOP").await?;
+//! let mut events = alice.connect().await?;
+//! let chat = alice
+//!     .create_conversation(ConversationKind::Direct, &[UserId::parse("bob")?])
+//!     .await?;
+//! alice.send_text(&chat.id, "hello").await?;
+//! while let Some(event) = events.next().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {}", m.sender_user, m.body);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chappe_proto::ids::{ConversationId, MessageId, UserId};
+use chappe_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+mod client;
+pub mod crypto;
+pub mod error;
+pub mod state;
+mod transport;
+
+pub use chappe_proto::ids::{self, DeviceId};
+pub use client::Client;
+pub use crypto::{DecryptedMessage, DeviceAddr, RotationPolicy};
+pub use error::{CryptoError, Error, Result};
+pub use state::KdfParams;
+
+/// How to reach the server, where the device's state lives, and every limit
+/// the client applies. Build with [`ClientConfig::new`], then adjust fields.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// The gateway, e.g. `http://127.0.0.1:7070`.
+    pub server_url: String,
+    /// The device's state directory (created on first login).
+    pub state_dir: PathBuf,
+    /// Unlocks the state directory.
+    pub passphrase: String,
+    /// Key derivation cost, used when the state directory is created.
+    pub kdf: KdfParams,
+    /// One-time keys kept on the server; topped up below half (default 50).
+    pub one_time_keys_target: usize,
+    /// When Megolm sessions rotate (default 100 messages, 7 days, on leave).
+    pub rotation: RotationPolicy,
+    /// Deadline of a request, including waiting for a connection (default 10 s).
+    pub request_timeout: Duration,
+    /// Deadline of opening a TCP/HTTP2 connection (default 5 s).
+    pub connect_timeout: Duration,
+    /// First reconnection delay (default 250 ms), doubled up to the maximum.
+    pub reconnect_backoff_min: Duration,
+    /// Longest reconnection delay (default 30 s).
+    pub reconnect_backoff_max: Duration,
+    /// Application-level ping and HTTP/2 keep-alive interval (default 20 s).
+    pub ping_interval: Duration,
+    /// How long member lists and device lists are reused before being
+    /// fetched again (default 5 min). They are always fetched again when a
+    /// Megolm session rotates.
+    pub device_cache_ttl: Duration,
+    /// Attempts of one send (same `client_msg_id`, same ciphertext) before
+    /// giving up on a retryable error (default 5).
+    pub send_attempts: u32,
+    /// Messages per conversation per sync page; 0 is the server default.
+    pub sync_page_limit: u32,
+    /// Sync round trips per sync, while the server says more follow (default 50).
+    pub max_sync_rounds: u32,
+    /// Largest text accepted by [`Client::send_text`], in bytes (default 64 KiB).
+    pub max_text_bytes: usize,
+    /// To-device messages per `SendToDevice` batch (default 100).
+    pub max_to_device_batch: usize,
+    /// Events buffered for the listener before the client waits (default 1024).
+    pub event_buffer: usize,
+    /// Undecryptable messages kept until their room key arrives (default 1000).
+    pub max_pending_messages: usize,
+    /// Olm sessions kept per remote device (default 4).
+    pub max_olm_sessions_per_device: usize,
+    /// Inbox ids and message ids remembered to drop duplicates (default 2000).
+    pub dedupe_window: usize,
+    /// Frames queued towards the server before senders wait (default 256).
+    pub outgoing_buffer: usize,
+    /// How long opening the state directory waits for a lock held elsewhere
+    /// before failing with [`Error::Locked`] (default 2 s): a dropped client
+    /// of the same process releases it once its background tasks finish.
+    pub lock_wait: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the three things only the caller knows.
+    pub fn new(
+        server_url: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        passphrase: impl Into<String>,
+    ) -> Self {
+        Self {
+            server_url: server_url.into(),
+            state_dir: state_dir.into(),
+            passphrase: passphrase.into(),
+            kdf: KdfParams::default(),
+            one_time_keys_target: 50,
+            rotation: RotationPolicy::default(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_backoff_min: Duration::from_millis(250),
+            reconnect_backoff_max: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(20),
+            device_cache_ttl: Duration::from_secs(300),
+            send_attempts: 5,
+            sync_page_limit: 0,
+            max_sync_rounds: 50,
+            max_text_bytes: 64 * 1024,
+            max_to_device_batch: 100,
+            event_buffer: 1024,
+            max_pending_messages: 1000,
+            max_olm_sessions_per_device: 4,
+            dedupe_window: 2_000,
+            outgoing_buffer: 256,
+            lock_wait: Duration::from_secs(2),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Config(what.to_owned()));
+        if let Err(e) = tonic::transport::Endpoint::from_shared(self.server_url.clone()) {
+            return Err(Error::Config(format!(
+                "server_url {:?}: {e}",
+                self.server_url
+            )));
+        }
+        if self.passphrase.is_empty() {
+            return bad("passphrase is empty");
+        }
+        if self.one_time_keys_target == 0 || self.one_time_keys_target > 50 {
+            return bad("one_time_keys_target must be between 1 and 50");
+        }
+        if self.rotation.max_messages == 0 {
+            return bad("rotation.max_messages must be at least 1");
+        }
+        if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return bad("timeouts must be positive");
+        }
+        if self.reconnect_backoff_min.is_zero()
+            || self.reconnect_backoff_max < self.reconnect_backoff_min
+        {
+            return bad("reconnect backoff must be positive and min <= max");
+        }
+        if self.ping_interval.is_zero() {
+            return bad("ping_interval must be positive");
+        }
+        if self.send_attempts == 0 || self.max_sync_rounds == 0 {
+            return bad("send_attempts and max_sync_rounds must be at least 1");
+        }
+        if self.max_to_device_batch == 0 || self.event_buffer == 0 || self.outgoing_buffer == 0 {
+            return bad("batch and buffer sizes must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server_url", &self.server_url)
+            .field("state_dir", &self.state_dir)
+            .field("passphrase", &"<redacted>")
+            .field("kdf", &self.kdf)
+            .field("one_time_keys_target", &self.one_time_keys_target)
+            .field("rotation", &self.rotation)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Direct (exactly two users) or group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConversationKind {
+    Direct,
+    Group,
+}
+
+impl ConversationKind {
+    fn to_proto(self) -> pb::ConversationKind {
+        match self {
+            ConversationKind::Direct => pb::ConversationKind::Direct,
+            ConversationKind::Group => pb::ConversationKind::Group,
+        }
+    }
+}
+
+/// A conversation as the server describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    pub id: ConversationId,
+    pub kind: ConversationKind,
+    pub members: Vec<UserId>,
+    pub created_at_ms: i64,
+    /// Newest message, if any.
+    pub head_message_id: Option<MessageId>,
+    /// Sequence number of the last membership change.
+    pub membership_seq: u64,
+}
+
+impl TryFrom<&pb::Conversation> for Conversation {
+    type Error = Error;
+
+    fn try_from(c: &pb::Conversation) -> Result<Self> {
+        let kind = match pb::ConversationKind::try_from(c.kind) {
+            Ok(pb::ConversationKind::Direct) => ConversationKind::Direct,
+            Ok(pb::ConversationKind::Group) => ConversationKind::Group,
+            _ => return Err(Error::protocol(format!("conversation kind {}", c.kind))),
+        };
+        Ok(Self {
+            id: ConversationId::parse(&c.conversation_id)?,
+            kind,
+            members: c
+                .member_user_ids
+                .iter()
+                .map(|u| UserId::parse(u.as_str()))
+                .collect::<Result<_, _>>()?,
+            created_at_ms: c.created_at_ms,
+            head_message_id: if c.head_message_id.is_empty() {
+                None
+            } else {
+                Some(MessageId::parse(&c.head_message_id)?)
+            },
+            membership_seq: c.membership_seq,
+        })
+    }
+}
+
+/// The server's receipt for a sent message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    /// The id this client chose for the send (retries reuse it).
+    pub client_msg_id: String,
+    pub sent_at_ms: i64,
+    /// The server had already stored this send (a retry after a lost answer).
+    pub duplicate: bool,
+}
+
+/// Something that happened, delivered through [`Events`] or returned by
+/// [`Client::sync`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// The `Connect` stream is open (again); a sync follows.
+    Connected,
+    /// The `Connect` stream broke; the client reconnects by itself.
+    Disconnected { reason: String },
+    /// A conversation message, decrypted and authenticated.
+    Message(DecryptedMessage),
+    /// A message that cannot be read. When the reason is
+    /// [`CryptoError::MissingRoomKey`], it is kept and delivered as
+    /// [`Event::Message`] if its room key arrives.
+    Undecryptable {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        sender: DeviceAddr,
+        reason: CryptoError,
+    },
+    /// A conversation appeared or its membership changed.
+    ConversationUpdated(Conversation),
+    /// A to-device message was refused (forged, garbled, not for us).
+    ToDeviceRejected {
+        sender: Option<DeviceAddr>,
+        reason: CryptoError,
+    },
+}
+
+/// The stream of [`Event`]s of a connected client (see [`Client::connect`]).
+///
+/// Ends when the client is disconnected or another `connect` replaced it.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event, or `None` once the stream ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is ready.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl futures::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let config = ClientConfig::new("http://127.0.0.1:1", "/tmp/x", "pw");
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("\"pw\""));
+        let mut bad = config.clone();
+        bad.one_time_keys_target = 0;
+        assert!(matches!(bad.validate(), Err(Error::Config(_))));
+    }
+}

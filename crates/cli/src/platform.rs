@@ -1,0 +1,197 @@
+//! One process, every service: the embedded store (SQLite), the in-process
+//! bus, keydir, fanout and the gateway, built from the same libraries that
+//! run as separate processes in a cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chappe_bus::memory::MemoryBus;
+use chappe_bus::rpc::RunningServer;
+use chappe_bus::{Bus, Subjects};
+use chappe_fanout::{Fanout, FanoutConfig};
+use chappe_gateway::{DevIdentityProvider, Gateway, GatewayConfig, SessionKeys};
+use chappe_keydir::KeydirConfig;
+use chappe_storage::EmbeddedStore;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Everything `chappe up` needs.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Holds the SQLite database and the development session secret.
+    pub data_dir: PathBuf,
+    pub subjects_prefix: String,
+    pub gateway: GatewayConfig,
+    pub fanout: FanoutConfig,
+    pub keydir: KeydirConfig,
+}
+
+impl PlatformConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            subjects_prefix: chappe_bus::subjects::DEFAULT_PREFIX.to_owned(),
+            gateway: GatewayConfig::default(),
+            fanout: FanoutConfig::default(),
+            keydir: KeydirConfig::default(),
+        }
+    }
+}
+
+/// Why the platform did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] chappe_storage::Error),
+    #[error("bus: {0}")]
+    Bus(#[from] chappe_bus::Error),
+    #[error("gateway: {0}")]
+    Gateway(#[from] chappe_gateway::Error),
+}
+
+/// A running platform.
+pub struct Platform {
+    addr: SocketAddr,
+    store: EmbeddedStore,
+    bus: MemoryBus,
+    keydir: RunningServer,
+    fanout: Fanout,
+    gateway: JoinHandle<Result<(), chappe_gateway::Error>>,
+    stop_gateway: oneshot::Sender<()>,
+}
+
+/// The file that keeps the development session secret, so that tokens
+/// survive a restart of `chappe up`.
+const SESSION_KEY_FILE: &str = "dev-session.key";
+
+fn session_keys(dir: &Path) -> Result<SessionKeys, Error> {
+    let path = dir.join(SESSION_KEY_FILE);
+    let io = |source| Error::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut secret = [0u8; 32];
+            secret.copy_from_slice(&bytes);
+            Ok(SessionKeys::new(secret))
+        }
+        Ok(_) => Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "expected 32 bytes",
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            write_private(&path, &secret).map_err(io)?;
+            Ok(SessionKeys::new(secret))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+impl Platform {
+    /// Starts every service; returns once the gateway accepts connections
+    /// and every service answers on the bus.
+    pub async fn start(config: PlatformConfig) -> Result<Self, Error> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = EmbeddedStore::open(&config.data_dir.join("chappe.db"))?;
+        let bus = MemoryBus::default();
+        let shared_bus: Arc<dyn Bus> = Arc::new(bus.clone());
+        let subjects = Subjects::new(config.subjects_prefix.clone());
+
+        let keydir = chappe_keydir::start(
+            config.keydir.clone(),
+            Arc::new(store.clone()),
+            shared_bus.clone(),
+            subjects.clone(),
+        )
+        .await?;
+        let fanout = Fanout::start(
+            config.fanout.clone(),
+            Arc::new(store.clone()),
+            shared_bus.clone(),
+            subjects.clone(),
+        )
+        .await?;
+        let gateway = Gateway::bind(
+            config.gateway.clone(),
+            shared_bus,
+            subjects,
+            Arc::new(session_keys(&config.data_dir)?),
+            Arc::new(DevIdentityProvider),
+        )
+        .await?;
+        let addr = gateway.local_addr().map_err(|source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (stop_gateway, stopped) = oneshot::channel::<()>();
+        let gateway = tokio::spawn(gateway.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            store,
+            bus,
+            keydir,
+            fanout,
+            gateway,
+            stop_gateway,
+        })
+    }
+
+    /// Where clients connect: `http://host:port`.
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> &EmbeddedStore {
+        &self.store
+    }
+
+    pub fn bus(&self) -> &MemoryBus {
+        &self.bus
+    }
+
+    /// Drains the gateway (clients are told to go), then stops fanout and
+    /// keydir after the requests they hold.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop_gateway.send(());
+        let gateway = match self.gateway.await {
+            Ok(result) => result.map_err(Error::from),
+            Err(e) => {
+                tracing::error!(error = %e, "gateway task failed");
+                Ok(())
+            }
+        };
+        self.fanout.stop().await;
+        self.keydir.stop().await;
+        gateway
+    }
+}

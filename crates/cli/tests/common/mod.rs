@@ -1,0 +1,133 @@
+//! Shared test harness: a platform on a free loopback port in a temporary
+//! directory, and raw gRPC clients for poking at it.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use chappe_cli::platform::{Platform, PlatformConfig};
+use chappe_proto::v1::auth_client::AuthClient;
+use chappe_proto::v1::gateway_client::GatewayClient;
+use chappe_proto::v1::{DevCredential, LoginRequest, login_request};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+pub struct TestPlatform {
+    pub platform: Platform,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestPlatform {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut PlatformConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = PlatformConfig::new(dir.path().join("data"));
+        config.gateway.listen = "127.0.0.1:0".parse().expect("address");
+        tune(&mut config);
+        let platform = Platform::start(config).await.expect("platform starts");
+        Self { platform, dir }
+    }
+
+    pub fn url(&self) -> String {
+        self.platform.gateway_url()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connects to the gateway")
+    }
+
+    /// A session token for a development user and device.
+    pub async fn token(&self, user: &str, device: &str) -> String {
+        let mut auth = AuthClient::new(self.channel().await);
+        auth.login(LoginRequest {
+            device_id: device.into(),
+            credential: Some(login_request::Credential::Dev(DevCredential {
+                user_id: user.into(),
+            })),
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .session_token
+    }
+
+    /// A gateway client that sends `token` (or nothing) with each call.
+    pub async fn client(
+        &self,
+        token: Option<String>,
+    ) -> GatewayClient<InterceptedService<Channel, Bearer>> {
+        GatewayClient::with_interceptor(self.channel().await, Bearer(token))
+    }
+}
+
+/// Adds `authorization: Bearer <token>` when it has one.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("token is not ASCII"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A codec that sends and receives raw bytes: lets a test put anything on
+/// the wire, malformed protobuf included.
+#[derive(Default, Clone)]
+pub struct RawCodec;
+
+pub struct RawEncoder;
+pub struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// A well-formed Megolm ciphertext (from a throwaway session).
+pub fn megolm_ciphertext(plaintext: &str) -> (Vec<u8>, String) {
+    let mut session =
+        vodozemac::megolm::GroupSession::new(vodozemac::megolm::SessionConfig::version_1());
+    (session.encrypt(plaintext).to_bytes(), session.session_id())
+}
