@@ -112,13 +112,22 @@ impl Platform {
     /// Starts every service; returns once the gateway accepts connections
     /// and every service answers on the bus.
     pub async fn start(config: PlatformConfig) -> Result<Self, Error> {
+        let bus = MemoryBus::default();
+        Self::start_on(config, bus.clone(), Arc::new(bus)).await
+    }
+
+    /// Like [`Platform::start`], with the services talking through `shared`,
+    /// which wraps `bus` (to inject faults or delays in a test or benchmark).
+    pub async fn start_on(
+        config: PlatformConfig,
+        bus: MemoryBus,
+        shared_bus: Arc<dyn Bus>,
+    ) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
         let store = EmbeddedStore::open(&config.data_dir.join("chappe.db"))?;
-        let bus = MemoryBus::default();
-        let shared_bus: Arc<dyn Bus> = Arc::new(bus.clone());
         let subjects = Subjects::new(config.subjects_prefix.clone());
 
         let keydir = chappe_keydir::start(

@@ -134,6 +134,7 @@ fn transport_config(config: &ClientConfig) -> TransportConfig {
         backoff_max: config.reconnect_backoff_max,
         ping_interval: config.ping_interval,
         outgoing_buffer: config.outgoing_buffer,
+        local_address: config.local_address,
     }
 }
 

@@ -114,6 +114,9 @@ pub struct ClientConfig {
     /// before failing with [`Error::Locked`] (default 2 s): a dropped client
     /// of the same process releases it once its background tasks finish.
     pub lock_wait: Duration,
+    /// Source address of connections to the server (default: chosen by the
+    /// system). A load generator spreads devices over 127.0.0.x with it.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -147,6 +150,7 @@ impl ClientConfig {
             dedupe_window: 2_000,
             outgoing_buffer: 256,
             lock_wait: Duration::from_secs(2),
+            local_address: None,
         }
     }
 

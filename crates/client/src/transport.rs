@@ -43,6 +43,7 @@ pub(crate) struct TransportConfig {
     pub backoff_max: Duration,
     pub ping_interval: Duration,
     pub outgoing_buffer: usize,
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -82,6 +83,7 @@ impl Rpc {
             .map_err(|e| Error::Config(format!("server URL {url:?}: {e}")))?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
+            .local_address(config.local_address)
             .http2_keep_alive_interval(config.ping_interval)
             .keep_alive_timeout(config.request_timeout)
             .keep_alive_while_idle(true);
