@@ -242,6 +242,15 @@ impl FromStr for MessageId {
     }
 }
 
+/// Milliseconds since the Unix epoch, by this machine's clock (0 if the
+/// clock is before 1970).
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Makes strictly increasing [`MessageId`]s, even when the clock steps back.
 #[derive(Debug)]
 pub struct MessageIdGenerator {
@@ -264,11 +273,7 @@ impl MessageIdGenerator {
     }
 
     pub fn next(&self) -> MessageId {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.next_at(now)
+        self.next_at(unix_ms().max(0) as u64)
     }
 
     /// The next id for a clock reading of `now_ms` (exposed for tests).

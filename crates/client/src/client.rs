@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex as StdMutex, Weak};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use chappe_proto::ids::{ConversationId, DeviceId, MessageId, UserId};
 use chappe_proto::v1::{self as pb, client_frame, server_frame};
@@ -104,13 +104,6 @@ impl Recent {
         }
         true
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A fresh 128-bit `client_msg_id`.
@@ -243,7 +236,7 @@ impl Client {
                     .inner
                     .rpc
                     .token()
-                    .is_some_and(|t| t.expires_at_ms > now_ms() + 60_000);
+                    .is_some_and(|t| t.expires_at_ms > chappe_proto::ids::unix_ms() + 60_000);
                 if !fresh {
                     client.inner.rpc.login_dev().await?;
                     client.persist_now().await?;
@@ -251,7 +244,11 @@ impl Client {
                 client
             }
             None => {
-                let machine = Machine::new(me.clone(), now_ms(), crypto_limits(&config));
+                let machine = Machine::new(
+                    me.clone(),
+                    chappe_proto::ids::unix_ms(),
+                    crypto_limits(&config),
+                );
                 let local = Local {
                     machine,
                     server_url: config.server_url.clone(),
@@ -490,7 +487,7 @@ impl Client {
             let request = local.machine.upload_request(
                 Some(count),
                 self.inner.config.one_time_keys_target,
-                now_ms(),
+                chappe_proto::ids::unix_ms(),
             );
             if request.is_some() {
                 // Private halves on disk before the public halves leave.
@@ -746,7 +743,10 @@ impl Client {
         self.share_room_key(&link, conversation).await?;
         let outgoing = {
             let mut local = self.inner.local.lock().await;
-            let outgoing = local.machine.encrypt_text(conversation, text, now_ms())?;
+            let outgoing =
+                local
+                    .machine
+                    .encrypt_text(conversation, text, chappe_proto::ids::unix_ms())?;
             self.persist(&local).await?;
             outgoing
         };
@@ -810,7 +810,7 @@ impl Client {
     /// Makes sure every current member device holds the current room key of
     /// `conv`, rotating it when the policy says so.
     async fn share_room_key(&self, link: &Link, conv: &ConversationId) -> Result<()> {
-        let now = now_ms();
+        let now = chappe_proto::ids::unix_ms();
         let due = self
             .inner
             .local
@@ -853,7 +853,10 @@ impl Client {
             if needing.is_empty() {
                 return Ok(());
             }
-            let batch = local.machine.encrypt_room_keys(conv, &needing, now_ms())?;
+            let batch =
+                local
+                    .machine
+                    .encrypt_room_keys(conv, &needing, chappe_proto::ids::unix_ms())?;
             // Olm ratchets advanced: on disk before the ciphertexts leave.
             self.persist(&local).await?;
             batch
@@ -906,7 +909,11 @@ impl Client {
                 tracing::warn!(user = %claimed.user_id, device = %claimed.device_id, "key for a device not asked for");
                 continue;
             };
-            if let Err(e) = local.machine.create_outbound_olm(device, claimed, now_ms()) {
+            if let Err(e) =
+                local
+                    .machine
+                    .create_outbound_olm(device, claimed, chappe_proto::ids::unix_ms())
+            {
                 tracing::warn!(reason = %e, "claimed key refused");
             }
         }
@@ -1054,7 +1061,7 @@ impl Client {
                             &device,
                             event.olm_type,
                             &event.ciphertext,
-                            now_ms(),
+                            chappe_proto::ids::unix_ms(),
                         )
                         .map_err(|reason| (Some(sender), reason)),
                 },

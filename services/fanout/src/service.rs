@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chappe_bus::rpc::Server;
@@ -61,13 +60,6 @@ pub fn routes(
     let server = route!(server, AckToDevice, ack_to_device);
     let server = route!(server, Sync, sync);
     route!(server, History, history)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Service {
@@ -166,7 +158,7 @@ impl Service {
         }
 
         let id = ConversationId::random();
-        let at_ms = now_ms();
+        let at_ms = chappe_proto::ids::unix_ms();
         let event = |seq: u64, op: MembershipOp, target: &UserId| MembershipRow {
             conversation_id: id,
             seq,
@@ -284,7 +276,7 @@ impl Service {
                 actor_device_id: actor.device.to_string(),
                 op: op as i32,
                 target_user_id: target.to_string(),
-                at_ms: now_ms(),
+                at_ms: chappe_proto::ids::unix_ms(),
                 signature: Vec::new(),
             };
             match self.store.append_membership(&event, change).await {
@@ -380,7 +372,7 @@ impl Service {
             .into_iter()
             .map(|m| ToDevice::from_wire(m, self.config.max_to_device_bytes))
             .collect::<Result<Vec<_>>>()?;
-        let sent_at_ms = now_ms();
+        let sent_at_ms = chappe_proto::ids::unix_ms();
         let rows: Vec<InboxRow> = messages
             .into_iter()
             .map(|m| InboxRow {

@@ -9,7 +9,7 @@
 //! Session tokens are `base64url(v1|user|device|expiry_ms) . base64url(HMAC-SHA256)`
 //! under a secret of the deployment ([`SessionKeys`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -93,13 +93,6 @@ pub enum TokenError {
     Expired,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl SessionKeys {
     pub fn new(secret: [u8; 32]) -> Self {
         Self { secret }
@@ -119,7 +112,7 @@ impl SessionKeys {
 
     /// A token for `identity`, valid for `ttl`; returns it with its expiry.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> (String, u64) {
-        let expires = now_ms() + ttl.as_millis() as u64;
+        let expires = (chappe_proto::ids::unix_ms().max(0) as u64) + ttl.as_millis() as u64;
         let payload = format!("v1|{}|{}|{expires}", identity.user, identity.device);
         let tag = self.mac(payload.as_bytes()).finalize().into_bytes();
         let token = format!(
@@ -154,7 +147,7 @@ impl SessionKeys {
             return Err(TokenError::Malformed);
         };
         let expires: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
-        if expires <= now_ms() {
+        if expires <= (chappe_proto::ids::unix_ms().max(0) as u64) {
             return Err(TokenError::Expired);
         }
         Ok(Identity {

@@ -1,7 +1,6 @@
 //! keydir's request handlers and the routes that serve them on the bus.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chappe_bus::rpc::Server;
@@ -94,7 +93,7 @@ impl Service {
         span.record("one_time_keys", upload.one_time_keys.len());
         let device = &upload.actor;
 
-        let now = now_ms();
+        let now = chappe_proto::ids::unix_ms();
         self.check_not_future(now, &upload)?;
 
         // The signing key that must have signed the one-time keys: the one
@@ -309,10 +308,4 @@ fn check_count(field: &'static str, count: usize, max: usize) -> Result<()> {
         return Err(Error::TooMany { field, count, max });
     }
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
