@@ -2,6 +2,8 @@
 //! directory, and raw gRPC clients for poking at it.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
