@@ -1,0 +1,21 @@
+//! chappe-loadtest: how many messages per second a Chappe deployment takes,
+//! at what latency, with how many connected devices, and where it breaks,
+//! measured with real end-to-end-encrypted clients.
+//!
+//! - [`config`]: every setting of a run (`chappe-loadtest run --help`);
+//! - [`engine`]: one worker's run: devices, conversations, the open, closed
+//!   and step load models, delivery accounting;
+//! - [`raw`]: the light wire-level device of the pre-encrypted mode;
+//! - [`measure`]: HdrHistogram recorders and the live progress line;
+//! - [`report`]: the JSON report, and exact merging of workers' reports;
+//! - [`html`], [`compare`]: the HTML report and side-by-side comparison;
+//! - [`cli`]: the command line, the embedded platform and worker processes.
+
+pub mod cli;
+pub mod compare;
+pub mod config;
+pub mod engine;
+pub mod html;
+pub mod measure;
+pub mod raw;
+pub mod report;
