@@ -162,7 +162,10 @@ pub async fn run_load(mut args: RunArgs) -> Result<Report> {
 
 /// Starts `processes` workers of this binary and merges their reports.
 async fn run_workers(args: &RunArgs, dir: &Path) -> Result<Report> {
-    let exe = std::env::current_exe()?;
+    let exe = match &args.worker_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe()?,
+    };
     let run_id = args
         .run_id
         .clone()

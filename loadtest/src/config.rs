@@ -215,6 +215,9 @@ pub struct RunArgs {
     pub worker_index: usize,
     #[arg(long, default_value_t = 1)]
     pub worker_count: usize,
+    /// The worker program of `--processes` (default: this one).
+    #[arg(long, hide = true)]
+    pub worker_exe: Option<PathBuf>,
 }
 
 impl RunArgs {

@@ -246,9 +246,10 @@ impl Engine {
         let recorder = Recorder::new(Instant::now());
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Delivered)>();
 
-        // Devices.
-        let devices = self.setup_devices(&recorder, tx.clone()).await?;
+        // Devices; the server is sampled before they connect, and again at
+        // the end while they are all still connected.
         let server_before = process_sample(args.server_pid);
+        let devices = self.setup_devices(&recorder, tx.clone()).await?;
 
         // Conversations, and the sends each can make.
         let plan = self.conversations();
@@ -396,7 +397,12 @@ impl Engine {
                 let per_device = (after.rss_bytes as f64 - before.rss_bytes as f64)
                     / devices.len().max(1) as f64;
                 notes.push(format!(
-                    "server process {}: RSS {} → {} bytes ({per_device:.0} bytes per device), CPU {:.2} s",
+                    "{} {}: RSS {} → {} bytes ({per_device:.0} bytes per device), CPU {:.2} s",
+                    if args.embedded {
+                        "this process (platform and load generator together)"
+                    } else {
+                        "server process"
+                    },
                     args.server_pid.unwrap_or_default(),
                     before.rss_bytes,
                     after.rss_bytes,
@@ -503,10 +509,24 @@ impl Engine {
                                 .await
                                 .map_err(|e| (e.to_string(), code_of(&e)))?;
                             let connecting = Instant::now();
-                            let events = client
+                            let mut events = client
                                 .connect()
                                 .await
                                 .map_err(|e| (e.to_string(), code_of(&e)))?;
+                            // Connected once the stream is open and answering.
+                            let opened = tokio::time::timeout(timeout, async {
+                                while let Some(event) = events.next().await {
+                                    if matches!(event, Event::Connected) {
+                                        return true;
+                                    }
+                                }
+                                false
+                            })
+                            .await;
+                            if opened != Ok(true) {
+                                let message = "the stream did not open in time".to_owned();
+                                return Err((message, Code::Unavailable));
+                            }
                             recorder.record(Metric::Connect, connecting.elapsed());
                             tokio::spawn(forward_events(index, events, deliveries));
                             Device::Sdk(client)
@@ -914,7 +934,10 @@ async fn step(ctx: &SendCtx, slots: &[Slot], args: &RunArgs, origin: Instant) ->
     let mut rate = args.step_start;
     let mut steps = Vec::new();
     while rate <= args.step_max {
-        let from_s = origin.elapsed().as_secs();
+        // Steps start on a whole second of the timeline, so the report's
+        // per-second windows of two steps never share a second.
+        let from_s = origin.elapsed().as_secs_f64().ceil() as u64;
+        tokio::time::sleep_until((origin + Duration::from_secs(from_s)).into()).await;
         let per_worker = rate / args.worker_count as f64;
         let start = wall_micros();
         let length = args.step_duration.as_micros() as u64;
