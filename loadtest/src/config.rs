@@ -193,6 +193,10 @@ pub struct RunArgs {
     /// against a target on this machine).
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// The server's Prometheus endpoints (e.g. http://127.0.0.1:9090/metrics),
+    /// scraped before and after the run; the report keeps the differences.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_url: Vec<String>,
     /// Device state directories (full crypto); default: a temporary directory.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,

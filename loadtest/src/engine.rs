@@ -249,6 +249,7 @@ impl Engine {
         // Devices; the server is sampled before they connect, and again at
         // the end while they are all still connected.
         let server_before = process_sample(args.server_pid);
+        let metrics_before = scrape_all(&args.metrics_url, args.request_timeout).await;
         let devices = self.setup_devices(&recorder, tx.clone()).await?;
 
         // Conversations, and the sends each can make.
@@ -392,7 +393,8 @@ impl Engine {
             p.abort();
         }
         let server_after = process_sample(args.server_pid);
-        let server_metrics = match (server_before, server_after) {
+        let metrics_after = scrape_all(&args.metrics_url, args.request_timeout).await;
+        let mut server_metrics = match (server_before, server_after) {
             (Some(before), Some(after)) => {
                 let per_device = (after.rss_bytes as f64 - before.rss_bytes as f64)
                     / devices.len().max(1) as f64;
@@ -419,6 +421,27 @@ impl Engine {
             _ => None,
         };
 
+        if !args.metrics_url.is_empty() {
+            let mut scraped = serde_json::Map::new();
+            for (url, (before, after)) in args
+                .metrics_url
+                .iter()
+                .zip(metrics_before.into_iter().zip(metrics_after))
+            {
+                let value = match (before, after) {
+                    (Ok(before), Ok(after)) => crate::scrape::delta(&before, &after),
+                    (Err(e), _) | (_, Err(e)) => {
+                        notes.push(format!("metrics not scraped: {e}"));
+                        serde_json::json!({ "error": e })
+                    }
+                };
+                scraped.insert(url.clone(), value);
+            }
+            let entry = server_metrics.get_or_insert_with(|| serde_json::json!({}));
+            if let Some(map) = entry.as_object_mut() {
+                map.insert("prometheus".into(), serde_json::Value::Object(scraped));
+            }
+        }
         let measured_phase = match args.mode {
             Mode::Step => (0.0, 0.0),
             _ => (args.ramp_up.as_secs_f64(), args.steady.as_secs_f64()),
@@ -1016,6 +1039,17 @@ fn spawn_progress(recorder: Recorder, devices: u64) -> tokio::task::JoinHandle<(
             eprintln!("{}", recorder.progress());
         }
     })
+}
+
+async fn scrape_all(
+    urls: &[String],
+    timeout: Duration,
+) -> Vec<Result<crate::scrape::Samples, String>> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        out.push(crate::scrape::scrape(url, timeout).await);
+    }
+    out
 }
 
 /// Memory and CPU of a process on this machine, from /proc.

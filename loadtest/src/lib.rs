@@ -9,6 +9,7 @@
 //! - [`measure`]: HdrHistogram recorders and the live progress line;
 //! - [`report`]: the JSON report, and exact merging of workers' reports;
 //! - [`html`], [`compare`]: the HTML report and side-by-side comparison;
+//! - [`scrape`]: the server's own `/metrics`, before and after a run;
 //! - [`cli`]: the command line, the embedded platform and worker processes.
 
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod html;
 pub mod measure;
 pub mod raw;
 pub mod report;
+pub mod scrape;

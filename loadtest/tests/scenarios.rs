@@ -178,7 +178,10 @@ async fn the_open_model_counts_queueing_that_the_closed_model_hides() {
     );
     // The closed model sees about the service time (20 ms, one at a time,
     // two senders), so even its worst is below the open model's median.
-    assert!(closed_stored.p99_us < open_stored.p50_us, "{closed_stored:?} vs {open_stored:?}");
+    assert!(
+        closed_stored.p99_us < open_stored.p50_us,
+        "{closed_stored:?} vs {open_stored:?}"
+    );
     // The open model sees the queue: offering 200 messages at 50/s leaves the
     // last ones waiting about 2 s; its p99 is many times the closed one.
     assert!(open_stored.p99_us > 1_000_000, "{open_stored:?}");
@@ -207,4 +210,54 @@ async fn worker_processes_report_and_the_coordinator_merges_them_exactly() {
     assert_eq!(report.meta.devices, 8, "devices of both workers");
     // 40/s for 1 s across both workers.
     assert_eq!(report.counts.sent, 40);
+}
+
+/// Stands in for a service's `/metrics` (the services export none yet): a
+/// counter that goes up by one per scrape.
+async fn metrics_endpoint() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut scrapes = 0u64;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            scrapes += 1;
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let body = format!(
+                "# TYPE chappe_test_scrapes_total counter\nchappe_test_scrapes_total {scrapes}\n"
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    format!("http://{addr}/metrics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_metrics_are_scraped_before_and_after() {
+    let url = metrics_endpoint().await;
+    let report = run_load(args(&format!(
+        "--embedded --quiet --scenario idle --users 2 --crypto pre-encrypted --steady 100ms \
+         --metrics-url {url},http://127.0.0.1:1/metrics"
+    )))
+    .await
+    .expect("run");
+    let scraped = &report.server_metrics.as_ref().expect("metrics")["prometheus"];
+    let counter = &scraped[&url]["chappe_test_scrapes_total"];
+    assert_eq!(counter["before"], 1.0);
+    assert_eq!(counter["after"], 2.0);
+    assert_eq!(counter["delta"], 1.0);
+    // An endpoint that cannot be reached is noted, not fatal.
+    assert!(scraped["http://127.0.0.1:1/metrics"]["error"].is_string());
+    assert!(
+        report
+            .meta
+            .notes
+            .iter()
+            .any(|n| n.contains("metrics not scraped"))
+    );
 }
