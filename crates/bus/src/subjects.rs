@@ -117,6 +117,11 @@ impl Subjects {
         format!("{}.deliver.u.{}", self.prefix, user_token(user))
     }
 
+    /// `<prefix>.evt.keys.*`: every user's device-list changes.
+    pub fn evt_keys_all(&self) -> String {
+        format!("{}.evt.keys.*", self.prefix)
+    }
+
     /// `<prefix>.evt.keys.<user>`: a user's device list changed.
     pub fn evt_keys(&self, user: &UserId) -> String {
         format!("{}.evt.keys.{}", self.prefix, user_token(user))
@@ -142,6 +147,7 @@ mod tests {
             "chappe.deliver.u.*",
             &s.deliver_user(&user)
         ));
+        assert!(crate::subject_matches(&s.evt_keys_all(), &s.evt_keys(&user)));
         assert_eq!(
             Subjects::new("x.y").fanout(FanoutMethod::Submit),
             "x.y.rpc.fanout.submit"

@@ -420,3 +420,131 @@ async fn a_group_of_three_users_all_read_each_other() {
     all_a.extend(from("chloe"));
     receive(&mut a, &all_a).await;
 }
+
+/// Waits for an event matching `want`, keeping messages it passes.
+async fn wait_event(device: &mut Device, what: &str, want: impl Fn(&Event) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let event = tokio::time::timeout_at(deadline, device.events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} in time"))
+            .expect("events go on");
+        if want(&event) {
+            return;
+        }
+        if let Event::Message(m) = event {
+            device.received.push(m);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_device_reads_the_next_message_without_waiting_for_a_cache() {
+    let platform = TestPlatform::start().await;
+    let mut alice = device(&platform, "alice", "laptop").await;
+    let mut bob_phone = device(&platform, "bob", "phone").await;
+    let chat = alice
+        .client
+        .create_conversation(ConversationKind::Direct, &[UserId::parse("bob").unwrap()])
+        .await
+        .unwrap();
+    alice
+        .client
+        .send_text(&chat.id, "avant la tablette")
+        .await
+        .unwrap();
+    receive(&mut bob_phone, &["avant la tablette".into()]).await;
+
+    // Bob adds a tablet; alice's client hears of it (device caches last
+    // minutes by default, so only the notification can make this work).
+    let mut bob_tablet = device(&platform, "bob", "tablet").await;
+    wait_event(
+        &mut alice,
+        "device-list change",
+        |e| matches!(e, Event::DeviceListChanged { user_id } if user_id.as_str() == "bob"),
+    )
+    .await;
+    alice
+        .client
+        .send_text(&chat.id, "pour tous les appareils")
+        .await
+        .unwrap();
+    // The tablet cannot read what came before it (a Megolm session shared
+    // from its current index on): that shows as undecryptable history.
+    wait_event(
+        &mut bob_tablet,
+        "the new message",
+        |e| matches!(e, Event::Message(m) if m.body == "pour tous les appareils"),
+    )
+    .await;
+    receive(&mut bob_phone, &["pour tous les appareils".into()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_removed_by_someone_else_cannot_read_what_follows() {
+    let platform = TestPlatform::start().await;
+    let mut agnes = device(&platform, "agnes", "pc").await;
+    let bruno = device(&platform, "bruno", "pc").await;
+    let mut chloe = device(&platform, "chloe", "pc").await;
+    let group = agnes
+        .client
+        .create_conversation(
+            ConversationKind::Group,
+            &[
+                UserId::parse("bruno").unwrap(),
+                UserId::parse("chloe").unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    agnes
+        .client
+        .send_text(&group.id, "bienvenue")
+        .await
+        .unwrap();
+    receive(&mut chloe, &["bienvenue".into()]).await;
+
+    // Bruno, on his own client, removes chloe; agnes's client is told.
+    bruno
+        .client
+        .remove_member(&group.id, &UserId::parse("chloe").unwrap())
+        .await
+        .unwrap();
+    wait_event(
+        &mut agnes,
+        "membership change",
+        |e| matches!(e, Event::ConversationUpdated(c) if c.id == group.id && c.members.len() == 2),
+    )
+    .await;
+    agnes
+        .client
+        .send_text(&group.id, "entre nous")
+        .await
+        .unwrap();
+
+    let mut bruno = bruno;
+    receive(&mut bruno, &["entre nous".into()]).await;
+
+    // The room key rotated: the message after the removal is under a new
+    // Megolm session, which chloe's device never received.
+    use chappe_storage::MessageRepo as _;
+    let stored = platform
+        .platform
+        .store()
+        .messages_after(group.id, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_ne!(
+        stored[0].session_id, stored[1].session_id,
+        "the session rotated"
+    );
+    while let Some(event) = chloe.events.try_next() {
+        if let Event::Message(m) = event {
+            assert_ne!(
+                m.body, "entre nous",
+                "a removed member read a later message"
+            );
+        }
+    }
+}

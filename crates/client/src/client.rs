@@ -1166,6 +1166,31 @@ impl Client {
                 }
             }
             Push::Disconnected(reason) => self.emit(Event::Disconnected { reason }).await,
+            Push::ConversationChanged(c) => match Conversation::try_from(&c) {
+                // The next send sees the new members: a member who left
+                // rotates the room key, a new one gets it.
+                Ok(conversation) => {
+                    self.cache_members(&conversation);
+                    if self.has_listener() {
+                        self.emit(Event::ConversationUpdated(conversation)).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "malformed conversation pushed"),
+            },
+            Push::DeviceListChanged(user) => {
+                // Fetched again, and verified, before the next room key.
+                if let Ok(user) = UserId::parse(user) {
+                    self.inner
+                        .caches
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .devices
+                        .remove(&user);
+                    if self.has_listener() {
+                        self.emit(Event::DeviceListChanged { user_id: user }).await;
+                    }
+                }
+            }
             Push::ToDevice(event) => {
                 // Without a listener, leave it in the inbox for the next
                 // sync, which returns what its room key unlocks.

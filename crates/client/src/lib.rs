@@ -297,6 +297,9 @@ pub enum Event {
     },
     /// A conversation appeared or its membership changed.
     ConversationUpdated(Conversation),
+    /// A user sharing a conversation with us changed devices; the next
+    /// room key goes to the new list.
+    DeviceListChanged { user_id: UserId },
     /// A to-device message was refused (forged, garbled, not for us).
     ToDeviceRejected {
         sender: Option<DeviceAddr>,

@@ -261,6 +261,10 @@ pub(crate) enum Push {
     Disconnected(String),
     Message(pb::Message),
     ToDevice(pb::ToDeviceEvent),
+    /// A conversation of ours was created or changed members.
+    ConversationChanged(pb::Conversation),
+    /// A user we share a conversation with changed devices.
+    DeviceListChanged(String),
 }
 
 type Answer = Result<server_frame::Body>;
@@ -539,6 +543,16 @@ fn route(
         }
         Body::ToDevice(e) => {
             if push.send(Push::ToDevice(e)).is_err() {
+                return Some(End::Shutdown);
+            }
+        }
+        Body::ConversationChanged(c) => {
+            if push.send(Push::ConversationChanged(c)).is_err() {
+                return Some(End::Shutdown);
+            }
+        }
+        Body::DeviceListChanged(d) => {
+            if push.send(Push::DeviceListChanged(d.user_id)).is_err() {
                 return Some(End::Shutdown);
             }
         }

@@ -7,6 +7,7 @@
 //!   device, ack, sync, history;
 //! - [`delivery`]: the workers that take `chappe.jobs.deliver` and publish
 //!   each stored message to its members' `chappe.deliver.u.<user>`;
+//! - [`notify`]: membership and device-list changes told to the members;
 //! - [`convert`]: wire types to domain types and back, validated;
 //! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place.
 //!
@@ -18,6 +19,7 @@ pub mod config;
 pub mod convert;
 pub mod delivery;
 pub mod error;
+pub mod notify;
 pub mod service;
 
 use std::sync::Arc;
@@ -38,6 +40,7 @@ impl<T: ConversationRepo + MessageRepo + InboxRepo> FanoutStore for T {}
 pub struct Fanout {
     server: RunningServer,
     delivery: delivery::Workers,
+    key_events: notify::KeyEvents,
 }
 
 impl Fanout {
@@ -58,14 +61,21 @@ impl Fanout {
         let server = service::routes(service, bus.clone(), &subjects, config.max_in_flight)
             .start()
             .await?;
+        let key_events =
+            notify::KeyEvents::start(store.clone(), bus.clone(), subjects.clone()).await?;
         let delivery = delivery::Workers::start(&config, store, bus, subjects).await?;
-        Ok(Self { server, delivery })
+        Ok(Self {
+            server,
+            delivery,
+            key_events,
+        })
     }
 
     /// Stops taking requests and jobs; finishes what is in hand. Jobs not
     /// taken stay queued for another fanout.
     pub async fn stop(self) {
         self.server.stop().await;
+        self.key_events.stop();
         self.delivery.stop().await;
     }
 }

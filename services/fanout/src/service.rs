@@ -17,10 +17,10 @@ use chappe_storage::{
 };
 use prost::Message as _;
 
-use crate::FanoutStore;
 use crate::config::FanoutConfig;
 use crate::convert::{self, Actor, Submission, ToDevice};
 use crate::error::{Error, Result};
+use crate::{FanoutStore, notify};
 
 /// How often a membership update retries when another writer took its seq.
 const MEMBERSHIP_ATTEMPTS: usize = 5;
@@ -188,8 +188,10 @@ impl Service {
         };
         self.store.create_conversation(&row, &log).await?;
         tracing::info!(conversation = %id, members = log.len(), "conversation created");
+        let conversation = self.conversation_wire(&row).await?;
+        notify::conversation_changed(&*self.bus, &self.subjects, &conversation, None).await;
         Ok(v1::CreateConversationResponse {
-            conversation: Some(self.conversation_wire(&row).await?),
+            conversation: Some(conversation),
         })
     }
 
@@ -286,9 +288,13 @@ impl Service {
                         .get_conversation(id)
                         .await?
                         .ok_or_else(|| Error::UnknownConversation(id.to_string()))?;
+                    let conversation = self.conversation_wire(&row).await?;
+                    let left = (change == MemberChange::Remove).then_some(&target);
+                    notify::conversation_changed(&*self.bus, &self.subjects, &conversation, left)
+                        .await;
                     return Ok(v1::UpdateMembershipResponse {
                         event: Some(convert::membership_event(event)),
-                        conversation: Some(self.conversation_wire(&row).await?),
+                        conversation: Some(conversation),
                     });
                 }
                 Err(chappe_storage::Error::Conflict(_)) => continue,

@@ -3,7 +3,8 @@
 //! While at least one device of a user is connected here, the gateway holds
 //! one bus subscription on `chappe.deliver.u.<user>` and routes what arrives:
 //! a conversation message to every connected device of the user but the one
-//! that sent it, a to-device message to its one device. A device whose
+//! that sent it, a to-device message to its one device, membership and
+//! device-list changes to every device of the user. A device whose
 //! outbound queue is full is disconnected: it reconnects and syncs, which
 //! beats unbounded memory here.
 
@@ -184,6 +185,12 @@ impl Connections {
                 Some(event) => (server_frame::Body::ToDevice(event), Some(d.device_id), None),
                 None => return,
             },
+            Some(user_delivery::Item::ConversationChanged(c)) => {
+                (server_frame::Body::ConversationChanged(c), None, None)
+            }
+            Some(user_delivery::Item::DeviceListChanged(d)) => {
+                (server_frame::Body::DeviceListChanged(d), None, None)
+            }
             None => return,
         };
         for conn in conns {

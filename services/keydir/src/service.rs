@@ -278,7 +278,7 @@ impl Service {
     /// Tells subscribers that `device` joined its user's device list. The
     /// keys are stored whatever happens here, so a failure is only logged.
     async fn announce(&self, device: &DeviceRef) {
-        let event = internal::DeviceListChanged {
+        let event = internal::KeysChanged {
             user_id: device.user_id.to_string(),
             device_id: device.device_id.to_string(),
         };

@@ -510,10 +510,10 @@ async fn a_new_device_is_announced_once() {
         .await
         .unwrap()
         .unwrap();
-    let event = internal::DeviceListChanged::decode(event.payload).unwrap();
+    let event = internal::KeysChanged::decode(event.payload).unwrap();
     assert_eq!(
         event,
-        internal::DeviceListChanged {
+        internal::KeysChanged {
             user_id: "alice.martin".into(),
             device_id: "LAPTOP".into(),
         }
