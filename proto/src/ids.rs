@@ -154,6 +154,10 @@ impl ConversationId {
         Self(rand::random())
     }
 
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
     pub fn parse(value: &str) -> Result<Self, IdError> {
         let malformed = |why| IdError::Malformed {
             kind: "conversation id",

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chappe_proto::v1::{
-    ClientFrame, ConversationKind, CreateConversationRequest, DeviceKeys, GetConversationRequest,
-    ListConversationsRequest, Ping, SendMessage, ServerFrame, UploadKeysRequest, client_frame,
-    server_frame,
+    ClientFrame, ConversationKind, CreateConversationRequest, DeviceKeys, DeviceRef,
+    GetConversationRequest, ListConversationsRequest, Ping, SendMessage, SendToDevice, ServerFrame,
+    ToDeviceMessage, UploadKeysRequest, client_frame, server_frame,
 };
 use common::{RawCodec, TestPlatform, megolm_ciphertext};
 use prost::Message as _;
@@ -192,6 +192,22 @@ async fn every_kind_of_bad_input_gets_its_status_and_others_are_served() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // To-device messages to a stranger (no shared conversation): refused.
+    let (olm_type, olm) = common::olm_ciphertext();
+    let to_stranger = client_frame::Body::SendToDevice(SendToDevice {
+        client_msg_id: "td1".into(),
+        messages: vec![ToDeviceMessage {
+            recipient: Some(DeviceRef {
+                user_id: "grace".into(),
+                device_id: "phone".into(),
+            }),
+            olm_type,
+            ciphertext: olm,
+        }],
+    });
+    let (code, message) = frame_error(stream.ask(20, to_stranger).await);
+    assert_eq!(code, Code::PermissionDenied, "{message}");
 
     // Something that is not a Megolm message, a malformed id, an empty
     // frame: INVALID_ARGUMENT, and the stream goes on.

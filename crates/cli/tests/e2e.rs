@@ -548,3 +548,43 @@ async fn a_member_removed_by_someone_else_cannot_read_what_follows() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_absence_syncs_in_pages_that_fit_and_loses_nothing() {
+    // Answers of at most ~4 KiB: catching up takes many rounds.
+    let platform = TestPlatform::start_with(|c| {
+        c.fanout.max_sync_bytes = 4 * 1024;
+        c.fanout.max_history_bytes = 4 * 1024;
+    })
+    .await;
+    let alice = device(&platform, "alice", "laptop").await;
+    let bob = device(&platform, "bob", "phone").await;
+    let chat = alice
+        .client
+        .create_conversation(ConversationKind::Direct, &[UserId::parse("bob").unwrap()])
+        .await
+        .unwrap();
+    let Device { client, events, .. } = bob;
+    client.disconnect();
+    drop(events);
+    drop(client);
+    let missed = texts("message pendant l'absence numéro", 40);
+    for text in &missed {
+        alice.client.send_text(&chat.id, text).await.unwrap();
+    }
+    let client = Client::open(config(&platform, "bob-phone")).await.unwrap();
+    let mut bob = Device {
+        events: client.connect().await.unwrap(),
+        client,
+        received: Vec::new(),
+    };
+    let got = receive(&mut bob, &missed).await;
+    let bodies: Vec<&String> = got.iter().map(|m| &m.body).collect();
+    assert_eq!(
+        bodies,
+        missed.iter().collect::<Vec<_>>(),
+        "all of it, in order"
+    );
+    let history = bob.client.history(&chat.id, 40).await.unwrap();
+    assert_eq!(history.len(), 40, "history pages through small answers too");
+}

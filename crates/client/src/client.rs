@@ -449,8 +449,11 @@ impl Client {
             serde_json::to_vec(&data).map_err(|e| Error::CorruptState(e.to_string()))?,
         );
         drop(data);
+        // Numbered while the state lock is held: if this future is dropped
+        // and the write finishes late, it cannot replace a newer state.
+        let generation = self.inner.store.next_generation();
         let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.save(&plaintext))
+        tokio::task::spawn_blocking(move || store.save_ordered(generation, &plaintext))
             .await
             .map_err(|e| Error::io(self.inner.store.dir(), std::io::Error::other(e)))?
     }

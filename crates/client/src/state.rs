@@ -17,6 +17,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -100,6 +102,12 @@ pub struct Store {
     key: Zeroizing<[u8; 32]>,
     /// Holds the exclusive lock for as long as the store lives.
     _lock: File,
+    /// Numbers handed to writers in state order ([`Store::next_generation`]).
+    generations: AtomicU64,
+    /// The generation last written. Writes run one at a time under it, and
+    /// an older state never replaces a newer one, even when a cancelled
+    /// caller's write finishes late.
+    written: Mutex<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -163,6 +171,8 @@ impl Store {
                 dir: dir.to_owned(),
                 key,
                 _lock: lock,
+                generations: AtomicU64::new(0),
+                written: Mutex::new(0),
             };
             let plaintext = store.load()?;
             Ok((store, Some(plaintext)))
@@ -182,6 +192,8 @@ impl Store {
                     dir: dir.to_owned(),
                     key,
                     _lock: lock,
+                    generations: AtomicU64::new(0),
+                    written: Mutex::new(0),
                 },
                 None,
             ))
@@ -222,8 +234,29 @@ impl Store {
         Ok(Zeroizing::new(plaintext))
     }
 
+    /// The next write's place in state order: take it while the state
+    /// being written cannot change, then [`Store::save_ordered`].
+    pub fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Writes `plaintext` unless a newer generation was written already.
+    pub fn save_ordered(&self, generation: u64, plaintext: &[u8]) -> Result<()> {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if generation <= *written {
+            return Ok(());
+        }
+        self.write(plaintext)?;
+        *written = generation;
+        Ok(())
+    }
+
     /// Encrypts `plaintext` and atomically replaces `state.bin` with it.
     pub fn save(&self, plaintext: &[u8]) -> Result<()> {
+        self.save_ordered(self.next_generation(), plaintext)
+    }
+
+    fn write(&self, plaintext: &[u8]) -> Result<()> {
         let nonce: [u8; NONCE_LEN] = rand::random();
         let ciphertext = self
             .cipher()
@@ -386,6 +419,23 @@ mod tests {
         let back: Secret = from_json(&existing.unwrap()).unwrap();
         assert_eq!(back, value);
         assert!(!dir.join("state.bin.tmp").exists());
+    }
+
+    #[test]
+    fn a_late_older_write_never_replaces_a_newer_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev");
+        {
+            let (store, _) = open(&dir, "pw", true).unwrap();
+            let older = store.next_generation();
+            let newer = store.next_generation();
+            store.save_ordered(newer, b"\"newer\"").unwrap();
+            // The write of a cancelled caller finishing late.
+            store.save_ordered(older, b"\"older\"").unwrap();
+        }
+        let (_store, existing) = open(&dir, "pw", false).unwrap();
+        let back: String = from_json(&existing.unwrap()).unwrap();
+        assert_eq!(back, "newer");
     }
 
     #[test]

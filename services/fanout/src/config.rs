@@ -26,6 +26,11 @@ pub struct FanoutConfig {
     /// (default 500).
     pub history_limit: u32,
     pub max_history_limit: u32,
+    /// Bytes of ciphertext in one sync answer and one history page (default
+    /// 1 MiB each); past it the answer says `limited` and the client asks
+    /// again, so an answer always fits a client's frame limit.
+    pub max_sync_bytes: usize,
+    pub max_history_bytes: usize,
     /// Delivery workers per fanout process (default 4).
     pub delivery_workers: usize,
     /// Wait before a failed delivery job is tried again (default 1 s).
@@ -45,6 +50,8 @@ impl Default for FanoutConfig {
             sync_inbox_limit: 500,
             history_limit: 50,
             max_history_limit: 500,
+            max_sync_bytes: 1 << 20,
+            max_history_bytes: 1 << 20,
             delivery_workers: 4,
             delivery_retry_delay: Duration::from_secs(1),
         }

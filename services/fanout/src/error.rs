@@ -21,6 +21,8 @@ pub enum Error {
     UnknownConversation(String),
     #[error("{user} is not a member of conversation {conversation}")]
     NotMember { user: String, conversation: String },
+    #[error("you share no conversation with {0}: to-device messages go to conversation members")]
+    Stranger(String),
     #[error("{0}")]
     Refused(String),
     #[error("the membership log moved on concurrently; try again")]
@@ -39,7 +41,7 @@ impl From<Error> for RpcError {
                 RpcError::invalid_argument(message)
             }
             Error::UnknownConversation(_) => RpcError::not_found(message),
-            Error::NotMember { .. } => RpcError::permission_denied(message),
+            Error::NotMember { .. } | Error::Stranger(_) => RpcError::permission_denied(message),
             Error::Refused(_) => RpcError::failed_precondition(message),
             Error::Contended => RpcError::new(Code::Aborted, message),
             Error::Store(chappe_storage::Error::Unavailable(_)) => RpcError::unavailable(message),

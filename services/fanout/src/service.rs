@@ -25,6 +25,10 @@ use crate::{FanoutStore, notify};
 /// How often a membership update retries when another writer took its seq.
 const MEMBERSHIP_ATTEMPTS: usize = 5;
 
+/// Locks that order the submits of one conversation (striped, so memory
+/// stays fixed whatever the number of conversations).
+const SUBMIT_STRIPES: usize = 256;
+
 /// fanout's state shared by every handler.
 pub struct Service {
     config: FanoutConfig,
@@ -32,6 +36,11 @@ pub struct Service {
     bus: Arc<dyn Bus>,
     subjects: Subjects,
     ids: MessageIdGenerator,
+    /// A message id is taken and its row committed under the conversation's
+    /// stripe, so ids commit in increasing order within a conversation and a
+    /// sync cursor never passes a message that commits later. Several fanout
+    /// processes need the store's help for this (a settle window on sync).
+    submit_order: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// Registers every fanout method on a server.
@@ -75,6 +84,9 @@ impl Service {
             bus,
             subjects,
             ids: MessageIdGenerator::new(),
+            submit_order: (0..SUBMIT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -96,6 +108,28 @@ impl Service {
             });
         }
         Ok(row)
+    }
+
+    /// Olm messages go only to the sender's own devices and to users who
+    /// share a conversation with the sender: nobody can fill a stranger's
+    /// inbox.
+    async fn check_shares_conversations<'a>(
+        &self,
+        sender: &UserId,
+        recipients: impl Iterator<Item = &'a UserId>,
+    ) -> Result<()> {
+        let strangers: BTreeSet<&UserId> = recipients.filter(|r| *r != sender).collect();
+        if strangers.is_empty() {
+            return Ok(());
+        }
+        let mut known = BTreeSet::new();
+        for row in self.store.conversations_of(sender.as_str()).await? {
+            known.extend(self.store.members(row.conversation_id).await?);
+        }
+        match strangers.into_iter().find(|r| !known.contains(r.as_str())) {
+            Some(stranger) => Err(Error::Stranger(stranger.to_string())),
+            None => Ok(()),
+        }
     }
 
     async fn conversation_wire(&self, row: &ConversationRow) -> Result<v1::Conversation> {
@@ -314,6 +348,8 @@ impl Service {
         tracing::Span::current().record("conversation", tracing::field::display(send.conversation));
         self.member_conversation(send.conversation, &actor.user)
             .await?;
+        let stripe = (send.conversation.as_u128() % SUBMIT_STRIPES as u128) as usize;
+        let in_order = self.submit_order[stripe].lock().await;
         let message_id = self.ids.next();
         let row = MessageRow {
             conversation_id: send.conversation,
@@ -329,6 +365,7 @@ impl Service {
             InsertMessage::Inserted => (row, false),
             InsertMessage::Duplicate(existing) => (existing, true),
         };
+        drop(in_order);
         // Queued again on a retry too: the first attempt may have stored the
         // message and died before queueing it. Deliveries are idempotent.
         let job = DeliverJob {
@@ -378,6 +415,8 @@ impl Service {
             .into_iter()
             .map(|m| ToDevice::from_wire(m, self.config.max_to_device_bytes))
             .collect::<Result<Vec<_>>>()?;
+        self.check_shares_conversations(&actor.user, messages.iter().map(|m| &m.user))
+            .await?;
         let sent_at_ms = chappe_proto::ids::unix_ms();
         let rows: Vec<InboxRow> = messages
             .into_iter()
@@ -475,15 +514,25 @@ impl Service {
             );
         }
 
+        // Everything below counts against one byte budget, so the answer
+        // fits a client's frame limit; what does not fit says `limited`.
+        let mut budget = Budget::new(self.config.max_sync_bytes);
         let inbox_limit = self.config.sync_inbox_limit;
-        let mut inbox = self
+        let inbox = self
             .store
             .inbox(actor.user.as_str(), actor.device.as_str(), inbox_limit + 1)
             .await?;
-        let to_device_limited = inbox.len() > inbox_limit;
-        inbox.truncate(inbox_limit);
+        let mut to_device_limited = inbox.len() > inbox_limit;
+        let mut to_device = Vec::new();
+        for row in inbox.into_iter().take(inbox_limit) {
+            if !budget.take(row.ciphertext.len()) {
+                to_device_limited = true;
+                break;
+            }
+            to_device.push(convert::to_device_event(row));
+        }
 
-        let mut conversations = Vec::new();
+        let mut conversations: Vec<v1::ConversationUpdate> = Vec::new();
         for row in self.store.conversations_of(actor.user.as_str()).await? {
             let cursor = cursors.get(&row.conversation_id).copied();
             let known = cursor.is_some();
@@ -496,23 +545,38 @@ impl Service {
             if known && !moved {
                 continue;
             }
-            let mut messages = if moved {
+            if budget.exhausted() {
+                // The rest comes with the next sync round.
+                match conversations.last_mut() {
+                    Some(last) => last.limited = true,
+                    None => to_device_limited = true,
+                }
+                break;
+            }
+            let stored = if moved {
                 self.store
                     .messages_after(row.conversation_id, after, limit + 1)
                     .await?
             } else {
                 Vec::new()
             };
-            let limited = messages.len() > limit;
-            messages.truncate(limit);
+            let mut limited = stored.len() > limit;
+            let mut messages = Vec::new();
+            for m in stored.into_iter().take(limit) {
+                if !budget.take(m.ciphertext.len()) {
+                    limited = true;
+                    break;
+                }
+                messages.push(convert::message(m));
+            }
             conversations.push(v1::ConversationUpdate {
                 conversation: Some(self.conversation_wire(&row).await?),
-                messages: messages.into_iter().map(convert::message).collect(),
+                messages,
                 limited,
             });
         }
         Ok(v1::SyncResponse {
-            to_device: inbox.into_iter().map(convert::to_device_event).collect(),
+            to_device,
             to_device_limited,
             conversations,
         })
@@ -542,16 +606,62 @@ impl Service {
                 )));
             }
         };
-        let next_from = if rows.len() == limit {
-            rows.last()
-                .map(|r| r.message_id.to_string())
+        let mut budget = Budget::new(self.config.max_history_bytes);
+        let full_page = rows.len() == limit;
+        let mut messages: Vec<v1::Message> = Vec::with_capacity(rows.len());
+        let mut cut = false;
+        for row in rows {
+            if !budget.take(row.ciphertext.len()) {
+                cut = true;
+                break;
+            }
+            messages.push(convert::message(row));
+        }
+        let next_from = if full_page || cut {
+            messages
+                .last()
+                .map(|m| m.message_id.clone())
                 .unwrap_or_default()
         } else {
             String::new()
         };
         Ok(v1::HistoryResponse {
-            messages: rows.into_iter().map(convert::message).collect(),
+            messages,
             next_from,
         })
+    }
+}
+
+/// Bytes left for an answer. The first entry always fits, so an answer
+/// always makes progress.
+struct Budget {
+    left: usize,
+    first: bool,
+}
+
+/// What an entry costs besides its ciphertext (ids, sender, framing).
+const ENTRY_OVERHEAD: usize = 160;
+
+impl Budget {
+    fn new(bytes: usize) -> Self {
+        Self {
+            left: bytes,
+            first: true,
+        }
+    }
+
+    /// Takes room for one entry of `ciphertext` bytes, if there is some.
+    fn take(&mut self, ciphertext: usize) -> bool {
+        let cost = ciphertext + ENTRY_OVERHEAD;
+        if cost > self.left && !self.first {
+            return false;
+        }
+        self.first = false;
+        self.left = self.left.saturating_sub(cost);
+        true
+    }
+
+    fn exhausted(&self) -> bool {
+        !self.first && self.left == 0
     }
 }

@@ -9,7 +9,7 @@
 //! beats unbounded memory here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use chappe_bus::{Bus, Subjects};
@@ -46,6 +46,8 @@ pub struct Connections {
     subjects: Subjects,
     next_id: AtomicU64,
     users: Mutex<HashMap<UserId, UserConns>>,
+    /// Set once the gateway shuts down: new streams are refused.
+    draining: AtomicBool,
 }
 
 /// A connected device; dropping it disconnects the device from routing.
@@ -70,6 +72,7 @@ impl Connections {
             subjects,
             next_id: AtomicU64::new(1),
             users: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -91,6 +94,11 @@ impl Connections {
         tx: Outbound,
         cancel: CancellationToken,
     ) -> Result<Registration, Status> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Status::unavailable(
+                "this gateway is shutting down; reconnect to another",
+            ));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Conn {
             device: identity.device.clone(),
@@ -149,6 +157,7 @@ impl Connections {
 
     /// Tells every connected device to reconnect elsewhere, then closes it.
     pub async fn goaway_all(&self, reason: &str) {
+        self.draining.store(true, Ordering::Release);
         let conns: Vec<Conn> = self
             .users()
             .values()
@@ -224,6 +233,18 @@ async fn route(
         match UserDelivery::decode(message.payload) {
             Ok(delivery) => connections.deliver(&user, delivery),
             Err(e) => tracing::warn!(%user, error = %e, "malformed delivery ignored"),
+        }
+    }
+    // The subscription ended (the bus closed): these devices would get no
+    // more deliveries here. Close them; they reconnect and resubscribe.
+    let Some(connections) = connections.upgrade() else {
+        return;
+    };
+    let entry = connections.users().remove(&user);
+    if let Some(entry) = entry {
+        tracing::warn!(%user, "delivery subscription ended; disconnecting the user's devices");
+        for conn in entry.conns.values() {
+            conn.cancel.cancel();
         }
     }
 }

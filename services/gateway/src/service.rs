@@ -148,6 +148,7 @@ impl Inner {
                 Ok(Out::ToDeviceSent(self.call(subject, &req).await?))
             }
             In::AckToDevice(request) => {
+                self.limits.call(identity)?;
                 let req = wire::AckToDevice {
                     actor,
                     request: Some(request),
@@ -156,6 +157,7 @@ impl Inner {
                 Ok(Out::Acked(self.call(subject, &req).await?))
             }
             In::Sync(request) => {
+                self.limits.call(identity)?;
                 let req = wire::Sync {
                     actor,
                     request: Some(request),
@@ -200,10 +202,16 @@ impl Inner {
             };
             while in_flight.try_join_next().is_some() {}
             let (this, identity, tx) = (self.clone(), identity.clone(), tx.clone());
+            let cancel = cancel.clone();
             in_flight.spawn(async move {
                 let _permit = permit;
                 let answer = this.frame(&identity, frame).await;
-                let _ = tx.send(Ok(answer)).await;
+                // A device that stopped reading loses the answer rather than
+                // pinning this task: it retries with the same ids.
+                tokio::select! {
+                    _ = tx.send(Ok(answer)) => {}
+                    _ = cancel.cancelled() => {}
+                }
             });
         }
         // Frames in hand get their answers (each bounded by rpc_timeout).

@@ -133,3 +133,18 @@ pub fn megolm_ciphertext(plaintext: &str) -> (Vec<u8>, String) {
         vodozemac::megolm::GroupSession::new(vodozemac::megolm::SessionConfig::version_1());
     (session.encrypt(plaintext).to_bytes(), session.session_id())
 }
+
+/// A well-formed Olm pre-key message (type and bytes), between throwaway
+/// accounts.
+pub fn olm_ciphertext() -> (u32, Vec<u8>) {
+    use vodozemac::olm::{Account, SessionConfig};
+    let alice = Account::new();
+    let mut bob = Account::new();
+    bob.generate_one_time_keys(1);
+    let otk = *bob.one_time_keys().values().next().expect("a one-time key");
+    let mut session = alice
+        .create_outbound_session(SessionConfig::version_1(), bob.curve25519_key(), otk)
+        .expect("an Olm session");
+    let (kind, bytes) = session.encrypt("room key").expect("encrypts").to_parts();
+    (kind as u32, bytes)
+}
