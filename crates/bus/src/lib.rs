@@ -4,13 +4,18 @@
 //!   publish/subscribe, and a durable work queue with acknowledgements;
 //! - [`memory::MemoryBus`]: the in-process implementation used by `chappe up`
 //!   and the tests; the NATS implementation plugs in behind the same trait;
+//! - [`nats::NatsBus`]: the NATS implementation (core NATS and JetStream);
+//! - [`conformance`]: the behaviour every implementation must show, as a
+//!   suite each implementation's tests run;
 //! - [`rpc`]: typed protobuf calls and handlers on top of request/reply, with
 //!   errors that carry a gRPC status code across the bus;
 //! - [`subjects`]: every subject name, built from one configurable prefix.
 //!
 //! Callers only ever see this trait, never the transport behind it.
 
+pub mod conformance;
 pub mod memory;
+pub mod nats;
 pub mod rpc;
 pub mod subjects;
 

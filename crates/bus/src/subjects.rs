@@ -147,7 +147,10 @@ mod tests {
             "chappe.deliver.u.*",
             &s.deliver_user(&user)
         ));
-        assert!(crate::subject_matches(&s.evt_keys_all(), &s.evt_keys(&user)));
+        assert!(crate::subject_matches(
+            &s.evt_keys_all(),
+            &s.evt_keys(&user)
+        ));
         assert_eq!(
             Subjects::new("x.y").fanout(FanoutMethod::Submit),
             "x.y.rpc.fanout.submit"
