@@ -341,3 +341,27 @@ async fn a_flood_of_sends_gets_resource_exhausted_with_retry_after() {
     assert!(e.retry_after_ms > 0 && e.retry_after_ms <= 1_000, "{e:?}");
     ping_works(&mut stream, 100).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_has_one_stream_and_the_newer_one_wins() {
+    let platform = TestPlatform::start().await;
+    let token = platform.token("hugo", "phone").await;
+    let mut first = Stream::open(&platform, &token).await;
+    ping_works(&mut first, 1).await;
+    let mut second = Stream::open(&platform, &token).await;
+    // The older stream is told to go, then ends; the newer one is served.
+    let frame = tokio::time::timeout(Duration::from_secs(10), first.rx.next())
+        .await
+        .expect("in time")
+        .expect("a frame")
+        .expect("not an error");
+    assert!(
+        matches!(frame.body, Some(server_frame::Body::Goaway(_))),
+        "{frame:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), first.rx.next())
+        .await
+        .expect("in time");
+    assert!(matches!(ended, None | Some(Err(_))), "{ended:?}");
+    ping_works(&mut second, 2).await;
+}

@@ -111,6 +111,7 @@ impl Connections {
             connections: Arc::downgrade(self),
         };
         if let Some(user) = self.users().get_mut(&identity.user) {
+            replace_device(&mut user.conns, &conn.device);
             user.conns.insert(id, conn);
             return Ok(registration);
         }
@@ -124,6 +125,7 @@ impl Connections {
             // Another device of the user registered meanwhile: use its
             // subscription, drop ours.
             Some(user) => {
+                replace_device(&mut user.conns, &conn.device);
                 user.conns.insert(id, conn);
             }
             None => {
@@ -219,6 +221,26 @@ impl Connections {
             }
         }
     }
+}
+
+/// One stream per device: a device that connects again (a reconnect, or a
+/// second stream on one HTTP/2 connection) replaces its older stream, which
+/// is told to go. Keeps a device from multiplying its queues and copies.
+fn replace_device(conns: &mut HashMap<u64, Conn>, device: &DeviceId) {
+    conns.retain(|_, old| {
+        if &old.device != device {
+            return true;
+        }
+        let frame = ServerFrame {
+            request_id: 0,
+            body: Some(server_frame::Body::Goaway(Goaway {
+                reason: "replaced by a newer connection of this device".into(),
+            })),
+        };
+        let _ = old.tx.try_send(Ok(frame));
+        old.cancel.cancel();
+        false
+    });
 }
 
 async fn route(
