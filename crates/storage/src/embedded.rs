@@ -167,6 +167,26 @@ struct Inner {
     conn: Mutex<Connection>,
 }
 
+/// How often the checkpointer folds the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the WAL in the background for as long as the store lives.
+fn spawn_checkpointer(store: std::sync::Weak<Inner>, conn: Connection) {
+    let spawned = std::thread::Builder::new()
+        .name("chappe-sqlite-checkpoint".into())
+        .spawn(move || {
+            while store.upgrade().is_some() {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "no checkpoint thread: the WAL will grow until restart");
+    }
+}
+
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedStore")
@@ -188,13 +208,21 @@ impl EmbeddedStore {
         let mut conn = Connection::open(path).map_err(db)?;
         configure(&conn)?;
         let version = migrate(&mut conn)?;
+        // Writers never checkpoint: a commit that crosses the WAL's size
+        // threshold would otherwise copy the WAL into the database and fsync
+        // it before answering, stalling every writer behind it. A thread of
+        // its own checkpoints instead (PASSIVE: it never blocks writers).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db)?;
+        let checkpointer = Connection::open(path).map_err(db)?;
+        checkpointer.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         tracing::debug!(path = %path.display(), version, "embedded store opened");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                path: path.to_owned(),
-                conn: Mutex::new(conn),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        });
+        spawn_checkpointer(Arc::downgrade(&inner), checkpointer);
+        Ok(Self { inner })
     }
 
     /// The file this store was opened on.

@@ -345,3 +345,33 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_folded_back_into_the_database_in_the_background() {
+    let (_dir, path) = temp_db();
+    let store = EmbeddedStore::open(&path).expect("open");
+    let before = std::fs::metadata(&path).expect("database file").len();
+    // Enough writes to fill many WAL pages; writers never checkpoint.
+    for i in 0..300u64 {
+        let key = OneTimeKeyRow {
+            key_id: format!("k{i}"),
+            curve25519: format!("{i:0>43}"),
+            signature: "s".repeat(86),
+            created_at_ms: 1,
+        };
+        store
+            .add_one_time_keys("wal", "DEVICE", &[key])
+            .await
+            .expect("stored");
+    }
+    // The checkpoint thread copies the WAL into the database file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&path).expect("database file").len() <= before {
+        assert!(Instant::now() < deadline, "no checkpoint happened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        store.count_one_time_keys("wal", "DEVICE").await.unwrap(),
+        300
+    );
+}
