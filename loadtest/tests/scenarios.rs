@@ -136,7 +136,7 @@ async fn the_open_model_counts_queueing_that_the_closed_model_hides() {
         delay: Duration::from_millis(20),
         one_at_a_time: tokio::sync::Mutex::new(()),
     };
-    let platform = Platform::start_on(config, memory, Arc::new(slow))
+    let platform = Platform::start_on(config, Some(memory), Arc::new(slow))
         .await
         .unwrap();
     let target = platform.gateway_url();

@@ -15,7 +15,8 @@ use chappe_client::{Client, ClientConfig, ConversationKind, DecryptedMessage, Ev
 use clap::{Args, Parser, Subcommand};
 use tokio::io::AsyncBufReadExt;
 
-use crate::platform::{Platform, PlatformConfig};
+use crate::platform::{BusChoice, Platform, PlatformConfig};
+use chappe_bus::nats::NatsConfig;
 
 /// Chappe: sovereign end-to-end-encrypted messaging.
 #[derive(Debug, Parser)]
@@ -54,6 +55,10 @@ pub struct UpArgs {
     /// Address of the gateway.
     #[arg(long, env = "CHAPPE_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
+    /// Talk over this NATS server (JetStream enabled) instead of the
+    /// in-process bus, e.g. nats://127.0.0.1:4222.
+    #[arg(long, env = "CHAPPE_NATS_URL")]
+    pub nats: Option<String>,
     /// Directory of the embedded database and development secrets.
     #[arg(long, env = "CHAPPE_DATA_DIR", default_value = "chappe-data")]
     pub data_dir: PathBuf,
@@ -312,6 +317,9 @@ async fn chat(args: ChatArgs) -> Result<()> {
 
 async fn up(args: UpArgs) -> Result<()> {
     let mut config = PlatformConfig::new(&args.data_dir);
+    if let Some(url) = &args.nats {
+        config.bus = BusChoice::Nats(Box::new(NatsConfig::with_url(url.clone())));
+    }
     config.gateway.listen = args.listen;
     config.gateway.max_frame_bytes = args.max_frame_bytes;
     config.gateway.send_rate_per_second = args.send_rate;
@@ -327,8 +335,12 @@ async fn up(args: UpArgs) -> Result<()> {
     let url = platform.gateway_url();
     println!("Chappe is up: gateway {url}");
     println!(
-        "  store: {} (embedded SQLite), bus: in-process",
-        platform.store().path().display()
+        "  store: {} (embedded SQLite), bus: {}",
+        platform.store().path().display(),
+        match &args.nats {
+            Some(url) => format!("NATS at {url}"),
+            None => "in-process".to_owned(),
+        }
     );
     println!("  log in a device (development users, any name):");
     println!(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chappe_bus::memory::MemoryBus;
+use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_bus::rpc::RunningServer;
 use chappe_bus::{Bus, Subjects};
 use chappe_fanout::{Fanout, FanoutConfig};
@@ -16,12 +17,23 @@ use chappe_storage::EmbeddedStore;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// Which bus the services talk over.
+#[derive(Debug, Clone, Default)]
+pub enum BusChoice {
+    /// In this process (the default: nothing else to run).
+    #[default]
+    Memory,
+    /// A NATS server with JetStream, as in a cluster.
+    Nats(Box<NatsConfig>),
+}
+
 /// Everything `chappe up` needs.
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
     /// Holds the SQLite database and the development session secret.
     pub data_dir: PathBuf,
     pub subjects_prefix: String,
+    pub bus: BusChoice,
     pub gateway: GatewayConfig,
     pub fanout: FanoutConfig,
     pub keydir: KeydirConfig,
@@ -32,6 +44,7 @@ impl PlatformConfig {
         Self {
             data_dir: data_dir.into(),
             subjects_prefix: chappe_bus::subjects::DEFAULT_PREFIX.to_owned(),
+            bus: BusChoice::Memory,
             gateway: GatewayConfig::default(),
             fanout: FanoutConfig::default(),
             keydir: KeydirConfig::default(),
@@ -59,7 +72,8 @@ pub enum Error {
 pub struct Platform {
     addr: SocketAddr,
     store: EmbeddedStore,
-    bus: MemoryBus,
+    /// The in-process bus, when the services talk over it.
+    memory: Option<MemoryBus>,
     keydir: RunningServer,
     fanout: Fanout,
     gateway: JoinHandle<Result<(), chappe_gateway::Error>>,
@@ -112,15 +126,26 @@ impl Platform {
     /// Starts every service; returns once the gateway accepts connections
     /// and every service answers on the bus.
     pub async fn start(config: PlatformConfig) -> Result<Self, Error> {
-        let bus = MemoryBus::default();
-        Self::start_on(config, bus.clone(), Arc::new(bus)).await
+        match &config.bus {
+            BusChoice::Memory => {
+                let bus = MemoryBus::default();
+                Self::start_on(config, Some(bus.clone()), Arc::new(bus)).await
+            }
+            BusChoice::Nats(nats) => {
+                let mut nats = (**nats).clone();
+                nats.prefix = config.subjects_prefix.clone();
+                let bus = NatsBus::connect(nats).await?;
+                Self::start_on(config, None, Arc::new(bus)).await
+            }
+        }
     }
 
-    /// Like [`Platform::start`], with the services talking through `shared`,
-    /// which wraps `bus` (to inject faults or delays in a test or benchmark).
+    /// Like [`Platform::start`], with the services talking through
+    /// `shared_bus` (which may wrap `memory`, to inject faults or delays in a
+    /// test or benchmark).
     pub async fn start_on(
         config: PlatformConfig,
-        bus: MemoryBus,
+        memory: Option<MemoryBus>,
         shared_bus: Arc<dyn Bus>,
     ) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
@@ -163,7 +188,7 @@ impl Platform {
         Ok(Self {
             addr,
             store,
-            bus,
+            memory,
             keydir,
             fanout,
             gateway,
@@ -184,8 +209,9 @@ impl Platform {
         &self.store
     }
 
-    pub fn bus(&self) -> &MemoryBus {
-        &self.bus
+    /// The in-process bus, unless the services talk over NATS.
+    pub fn memory_bus(&self) -> Option<&MemoryBus> {
+        self.memory.as_ref()
     }
 
     /// Drains the gateway (clients are told to go), then stops fanout and

@@ -99,7 +99,11 @@ struct ToDeviceLog {
 impl ToDeviceLog {
     fn new(platform: &TestPlatform) -> Self {
         Self {
-            bus: platform.platform.bus().observe(),
+            bus: platform
+                .platform
+                .memory_bus()
+                .expect("in-process bus")
+                .observe(),
             seen: Vec::new(),
         }
     }
@@ -301,7 +305,11 @@ async fn lost_answer_is_retried_with_the_same_id() {
 
     // The next answer from the server is lost with its connection: the
     // server stores the message, the client never hears of it.
-    let mut bus = platform.platform.bus().observe();
+    let mut bus = platform
+        .platform
+        .memory_bus()
+        .expect("in-process bus")
+        .observe();
     proxy.lose_replies();
     let sending = tokio::spawn({
         let a1 = a1.clone();

@@ -95,7 +95,11 @@ fn texts(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_users_with_two_devices_each_exchange_messages_and_catch_up() {
     let platform = TestPlatform::start().await;
-    let observed = platform.platform.bus().observe();
+    let observed = platform
+        .platform
+        .memory_bus()
+        .expect("in-process bus")
+        .observe();
     let mut alice_laptop = device(&platform, "alice", "laptop").await;
     let mut alice_phone = device(&platform, "alice", "phone").await;
     let mut bob_laptop = device(&platform, "bob", "laptop").await;
