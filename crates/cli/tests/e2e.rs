@@ -8,14 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use chappe_client::ids::{ConversationId, UserId};
-use chappe_client::{
-    Client, ClientConfig, ConversationKind, DecryptedMessage, Event, Events, KdfParams,
-};
+use chappe_client::{Client, ConversationKind, DecryptedMessage, Event, Events};
 use chappe_proto::v1::{
     ClaimKeysRequest, ClientFrame, DeviceRef, HistoryRequest, SendMessage, client_frame,
     server_frame,
 };
-use common::{TestPlatform, megolm_ciphertext};
+use common::{TestPlatform, client_config, megolm_ciphertext};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,20 +27,14 @@ struct Device {
     received: Vec<DecryptedMessage>,
 }
 
-fn config(platform: &TestPlatform, name: &str) -> ClientConfig {
-    let mut config = ClientConfig::new(
-        platform.url(),
-        platform.dir.path().join("devices").join(name),
-        format!("{name} passphrase"),
-    );
-    config.kdf = KdfParams::insecure_fast();
-    config
-}
-
 async fn device(platform: &TestPlatform, user: &str, device: &str) -> Device {
-    let client = Client::login_dev(config(platform, &format!("{user}-{device}")), user, device)
-        .await
-        .expect("login");
+    let client = Client::login_dev(
+        client_config(platform, &format!("{user}-{device}")),
+        user,
+        device,
+    )
+    .await
+    .expect("login");
     let events = client.connect().await.expect("connect");
     Device {
         client,
@@ -161,7 +153,7 @@ async fn two_users_with_two_devices_each_exchange_messages_and_catch_up() {
 
     // It comes back (a new process would do the same: state is on disk)
     // and gets exactly what it missed, in order.
-    let client = Client::open(config(&platform, "bob-phone"))
+    let client = Client::open(client_config(&platform, "bob-phone"))
         .await
         .expect("reopen");
     let mut bob_phone = Device {
@@ -348,7 +340,7 @@ async fn a_retried_send_is_stored_once_with_the_same_id() {
 async fn fifty_concurrent_claims_through_the_gateway_get_ten_keys_once_and_forty_fallbacks() {
     let platform = TestPlatform::start().await;
     // A real device uploads its keys through the SDK; keep 10 one-time keys.
-    let mut target = config(&platform, "target-device");
+    let mut target = client_config(&platform, "target-device");
     target.one_time_keys_target = 10;
     let owner = Client::login_dev(target, "target", "device")
         .await
@@ -576,7 +568,9 @@ async fn a_long_absence_syncs_in_pages_that_fit_and_loses_nothing() {
     for text in &missed {
         alice.client.send_text(&chat.id, text).await.unwrap();
     }
-    let client = Client::open(config(&platform, "bob-phone")).await.unwrap();
+    let client = Client::open(client_config(&platform, "bob-phone"))
+        .await
+        .unwrap();
     let mut bob = Device {
         events: client.connect().await.unwrap(),
         client,

@@ -7,21 +7,11 @@ use std::time::Duration;
 
 use chappe_cli::platform::BusChoice;
 use chappe_client::ids::UserId;
-use chappe_client::{Client, ClientConfig, ConversationKind, Event, Events, KdfParams};
+use chappe_client::{Client, ConversationKind, Event, Events};
 use chappe_testkit::NatsServer;
-use common::TestPlatform;
+use common::{TestPlatform, client_config};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn config(platform: &TestPlatform, name: &str) -> ClientConfig {
-    let mut config = ClientConfig::new(
-        platform.url(),
-        platform.dir.path().join("devices").join(name),
-        format!("{name} passphrase"),
-    );
-    config.kdf = KdfParams::insecure_fast();
-    config
-}
 
 async fn wait_for(events: &mut Events, body: &str) {
     tokio::time::timeout(WAIT, async {
@@ -45,13 +35,13 @@ async fn two_users_chat_and_catch_up_over_nats() {
     .await;
     assert!(platform.platform.memory_bus().is_none());
 
-    let alice = Client::login_dev(config(&platform, "alice"), "alice", "laptop")
+    let alice = Client::login_dev(client_config(&platform, "alice"), "alice", "laptop")
         .await
         .unwrap();
-    let bob = Client::login_dev(config(&platform, "bob"), "bob", "phone")
+    let bob = Client::login_dev(client_config(&platform, "bob"), "bob", "phone")
         .await
         .unwrap();
-    let bob_tablet = Client::login_dev(config(&platform, "bob-tablet"), "bob", "tablet")
+    let bob_tablet = Client::login_dev(client_config(&platform, "bob-tablet"), "bob", "tablet")
         .await
         .unwrap();
     let mut alice_events = alice.connect().await.unwrap();

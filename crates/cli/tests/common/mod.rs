@@ -134,6 +134,18 @@ pub fn megolm_ciphertext(plaintext: &str) -> (Vec<u8>, String) {
     (session.encrypt(plaintext).to_bytes(), session.session_id())
 }
 
+/// A device's client settings for this platform: its own state directory
+/// under the test's temporary directory, and a cheap KDF.
+pub fn client_config(platform: &TestPlatform, name: &str) -> chappe_client::ClientConfig {
+    let mut config = chappe_client::ClientConfig::new(
+        platform.url(),
+        platform.dir.path().join("devices").join(name),
+        format!("{name} passphrase"),
+    );
+    config.kdf = chappe_client::KdfParams::insecure_fast();
+    config
+}
+
 /// A well-formed Olm pre-key message (type and bytes), between throwaway
 /// accounts.
 pub fn olm_ciphertext() -> (u32, Vec<u8>) {
