@@ -6,7 +6,10 @@
 //!   start);
 //! - [`cli`]: the command line: `up`, and the client verbs a person uses
 //!   (`login`, `create`, `conversations`, `send`, `listen`, `chat`,
-//!   `history`) on top of the client SDK.
+//!   `history`) on top of the client SDK;
+//! - [`program`]: what every Chappe binary does around its work (exit
+//!   codes, logging, runtime).
 
 pub mod cli;
 pub mod platform;
+pub mod program;

@@ -1,0 +1,51 @@
+//! What every Chappe command-line program does around its work: parse the
+//! command line (a usage error exits 64, sysexits' EX_USAGE; `--help` and
+//! `--version` exit 0), start logging, run on a tokio runtime, and on
+//! failure print the error with its causes and exit 1.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use chappe_telemetry::LogFormat;
+
+/// sysexits' EX_USAGE: the command line or its environment is wrong.
+pub const EXIT_USAGE: u8 = 64;
+
+/// Runs a program. `logging` picks the log format and default filter from
+/// the parsed command line.
+pub fn main<C, F>(
+    logging: impl FnOnce(&C) -> (LogFormat, &'static str),
+    run: impl FnOnce(C) -> F,
+) -> ExitCode
+where
+    C: clap::Parser,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let cli = match C::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let (format, default_filter) = logging(&cli);
+    chappe_telemetry::init(format, default_filter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
