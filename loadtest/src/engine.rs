@@ -617,10 +617,9 @@ impl Engine {
                 }
             }
             let mut tasks = JoinSet::new();
-            for (i, d) in devices.iter().enumerate() {
+            for i in 0..devices.len() {
                 let devices = devices.clone();
                 let recorder = recorder.clone();
-                let _ = d;
                 tasks.spawn(async move {
                     let started = Instant::now();
                     let result = match &devices[i] {

@@ -66,7 +66,7 @@ impl Drop for Registration {
 }
 
 impl Connections {
-    pub fn new(bus: Arc<dyn Bus>, subjects: Subjects, _outbound_queue: usize) -> Self {
+    pub fn new(bus: Arc<dyn Bus>, subjects: Subjects) -> Self {
         Self {
             bus,
             subjects,

@@ -72,11 +72,7 @@ impl Gateway {
                 addr: config.listen,
                 source,
             })?;
-        let connections = Arc::new(connections::Connections::new(
-            bus.clone(),
-            subjects.clone(),
-            config.outbound_queue,
-        ));
+        let connections = Arc::new(connections::Connections::new(bus.clone(), subjects.clone()));
         let service = service::GatewayService::new(config.clone(), bus, subjects, connections);
         let auth = service::AuthService::new(config.clone(), session_keys.clone(), identity);
         Ok(Self {
