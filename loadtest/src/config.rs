@@ -54,6 +54,22 @@ pub enum Crypto {
     PreEncrypted,
 }
 
+/// Durations in reports and worker specs as people write them (`250ms`).
+mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_secs_f64() * 1000.0))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Parses `250ms`, `5s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
@@ -139,12 +155,16 @@ pub struct RunArgs {
     pub in_flight: usize,
     /// Pause between a send's answer and the next send (closed mode).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub think_time: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub ramp_up: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub steady: Duration,
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub ramp_down: Duration,
     /// First rate of step mode, and its increase per step.
     #[arg(long, default_value_t = 100.0)]
@@ -152,6 +172,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 100.0)]
     pub step_increase: f64,
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub step_duration: Duration,
     /// Step mode stops at this rate even if p99 still holds.
     #[arg(long, default_value_t = 100_000.0)]
@@ -180,11 +201,14 @@ pub struct RunArgs {
     pub max_outstanding: usize,
     /// A send issued later than this after it was due counts as late.
     #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub late_threshold: Duration,
     /// How long to wait for the last deliveries after the last send.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub drain_timeout: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "human_duration")]
     pub request_timeout: Duration,
     /// Reconnections of every device (reconnect-storm scenario).
     #[arg(long, default_value_t = 3)]
@@ -261,6 +285,22 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_round_trip_through_json_as_text() {
+        #[derive(Serialize, Deserialize)]
+        struct T {
+            #[serde(with = "human_duration")]
+            d: Duration,
+        }
+        let json = serde_json::to_string(&T {
+            d: Duration::from_millis(250),
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"d":"250ms"}"#);
+        let back: T = serde_json::from_str(r#"{"d":"0.5ms"}"#).unwrap();
+        assert_eq!(back.d, Duration::from_micros(500));
+    }
 
     #[test]
     fn durations_and_mixes_parse() {
