@@ -5,5 +5,5 @@ use std::process::ExitCode;
 use chappe_loadtest::cli::{Cli, run};
 
 fn main() -> ExitCode {
-    chappe_cli::program::main(|_: &Cli| (chappe_telemetry::LogFormat::Text, "error"), run)
+    chappe_telemetry::program::main(|_: &Cli| (chappe_telemetry::LogFormat::Text, "error"), run)
 }

@@ -348,31 +348,8 @@ async fn up(args: UpArgs) -> Result<()> {
     );
     println!("  stop with Ctrl-C");
     let _ = std::io::stdout().flush();
-    shutdown_signal().await;
+    chappe_telemetry::shutdown_signal().await;
     eprintln!("shutting down");
     platform.shutdown().await?;
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM (what Kubernetes sends).
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -6,10 +6,7 @@
 //!   start);
 //! - [`cli`]: the command line: `up`, and the client verbs a person uses
 //!   (`login`, `create`, `conversations`, `send`, `listen`, `chat`,
-//!   `history`) on top of the client SDK;
-//! - [`program`]: what every Chappe binary does around its work (exit
-//!   codes, logging, runtime).
+//!   `history`) on top of the client SDK.
 
 pub mod cli;
 pub mod platform;
-pub mod program;

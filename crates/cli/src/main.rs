@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use chappe_cli::cli::{Cli, Command, run};
 
 fn main() -> ExitCode {
-    chappe_cli::program::main(
+    chappe_telemetry::program::main(
         |cli: &Cli| {
             // The platform logs its lifecycle; client verbs keep stderr for
             // problems.

@@ -1,8 +1,12 @@
 //! Logs for every Chappe process: `tracing` with an `EnvFilter`
-//! (`RUST_LOG`, default `info`), as human-readable lines or JSON.
+//! (`RUST_LOG`, default `info`), as human-readable lines or JSON; and
+//! [`shutdown_signal`], the SIGTERM/Ctrl-C every service drains on; and
+//! [`program::main`], what every Chappe binary does around its work.
 //!
 //! Metrics (`/metrics`), health endpoints and OpenTelemetry export join this
 //! crate with the distributed runtime.
+
+pub mod program;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -48,4 +52,27 @@ pub fn init(format: LogFormat, default_filter: &str) {
             )
             .try_init(),
     };
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

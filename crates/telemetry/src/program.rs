@@ -6,20 +6,21 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use chappe_telemetry::LogFormat;
+use crate::LogFormat;
 
 /// sysexits' EX_USAGE: the command line or its environment is wrong.
 pub const EXIT_USAGE: u8 = 64;
 
 /// Runs a program. `logging` picks the log format and default filter from
 /// the parsed command line.
-pub fn main<C, F>(
+pub fn main<C, F, E>(
     logging: impl FnOnce(&C) -> (LogFormat, &'static str),
     run: impl FnOnce(C) -> F,
 ) -> ExitCode
 where
     C: clap::Parser,
-    F: Future<Output = anyhow::Result<()>>,
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let cli = match C::try_parse() {
         Ok(cli) => cli,
@@ -33,7 +34,7 @@ where
         }
     };
     let (format, default_filter) = logging(&cli);
-    chappe_telemetry::init(format, default_filter);
+    crate::init(format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,0 +1,60 @@
+//! `chappe-keydir` as a process of its own: it serves over a real
+//! nats-server, and stops cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chappe_bus::nats::{NatsBus, NatsConfig};
+use chappe_bus::subjects::KeydirMethod;
+use chappe_bus::{Subjects, rpc};
+use chappe_proto::internal::QueryDevices;
+use chappe_proto::v1::{DeviceRef, QueryDevicesRequest, QueryDevicesResponse};
+use chappe_testkit::NatsServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_over_nats_and_stops_on_sigterm() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chappe-keydir"))
+        .env("CHAPPE_NATS_URL", nats.url())
+        .env("CHAPPE_STORE", dir.path().join("chappe.db"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chappe-keydir starts");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "chappe-keydir ready");
+
+    let bus = Arc::new(
+        NatsBus::connect(NatsConfig::with_url(nats.url()))
+            .await
+            .unwrap(),
+    );
+    let request = QueryDevices {
+        actor: Some(DeviceRef {
+            user_id: "alice".into(),
+            device_id: "laptop".into(),
+        }),
+        request: Some(QueryDevicesRequest {
+            user_ids: vec!["bob".into()],
+        }),
+    };
+    let subject = Subjects::default().keydir(KeydirMethod::QueryDevices);
+    let answer: QueryDevicesResponse = rpc::call(&*bus, &subject, &request, Duration::from_secs(5))
+        .await
+        .expect("keydir answers over NATS");
+    assert!(answer.devices.is_empty());
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
