@@ -4,6 +4,7 @@
 //! failure print the error with its causes and exit 1.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::LogFormat;
@@ -49,4 +50,29 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// The settings every service process shares: where NATS is, the subject
+/// prefix, the store, and the log format. Each service's binary flattens
+/// this into its own arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// NATS servers (JetStream enabled), comma-separated.
+    #[arg(
+        long,
+        env = "CHAPPE_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
+    )]
+    pub nats: Vec<String>,
+    /// Prefix of every subject.
+    #[arg(long, env = "CHAPPE_SUBJECT_PREFIX", default_value = "chappe")]
+    pub prefix: String,
+    /// The embedded store's database file (services of one machine may
+    /// share it).
+    #[arg(long, env = "CHAPPE_STORE", default_value = "chappe-data/chappe.db")]
+    pub store: PathBuf,
+    /// Log format on stderr: text or json.
+    #[arg(long, env = "CHAPPE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
 }

@@ -1,0 +1,66 @@
+//! `chappe-fanout`: fanout in a process of its own, talking over NATS.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chappe_bus::Subjects;
+use chappe_bus::nats::{NatsBus, NatsConfig};
+use chappe_fanout::{Fanout, FanoutConfig};
+use chappe_storage::EmbeddedStore;
+use chappe_telemetry::program::ServiceArgs;
+use clap::Parser;
+
+/// Chappe fanout: conversations, messages, inboxes and their delivery.
+#[derive(Debug, Parser)]
+#[command(name = "chappe-fanout", version, about)]
+struct Args {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Largest message ciphertext, in bytes.
+    #[arg(long, env = "CHAPPE_MAX_MESSAGE_BYTES", default_value_t = FanoutConfig::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Most members of a group.
+    #[arg(long, env = "CHAPPE_MAX_GROUP_MEMBERS", default_value_t = FanoutConfig::default().max_group_members)]
+    max_group_members: usize,
+    /// Delivery workers of this process.
+    #[arg(long, env = "CHAPPE_DELIVERY_WORKERS", default_value_t = FanoutConfig::default().delivery_workers)]
+    delivery_workers: usize,
+}
+
+fn main() -> ExitCode {
+    chappe_telemetry::program::main(|a: &Args| (a.service.log_format, "warn,chappe=info"), run)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let service = args.service;
+    let config = FanoutConfig {
+        max_message_bytes: args.max_message_bytes,
+        max_group_members: args.max_group_members,
+        delivery_workers: args.delivery_workers,
+        ..FanoutConfig::default()
+    };
+    let store = EmbeddedStore::open(&service.store)
+        .with_context(|| format!("opening the store {}", service.store.display()))?;
+    let bus = NatsBus::connect(NatsConfig {
+        urls: service.nats,
+        prefix: service.prefix.clone(),
+        connection_name: "chappe-fanout".into(),
+        ..NatsConfig::default()
+    })
+    .await
+    .context("connecting to NATS")?;
+    let fanout = Fanout::start(
+        config,
+        Arc::new(store),
+        Arc::new(bus),
+        Subjects::new(service.prefix),
+    )
+    .await
+    .context("starting fanout")?;
+    println!("chappe-fanout ready");
+    chappe_telemetry::shutdown_signal().await;
+    // Requests and jobs in hand are finished; jobs not taken stay queued.
+    fanout.stop().await;
+    Ok(())
+}
