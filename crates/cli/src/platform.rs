@@ -86,40 +86,7 @@ const SESSION_KEY_FILE: &str = "dev-session.key";
 
 fn session_keys(dir: &Path) -> Result<SessionKeys, Error> {
     let path = dir.join(SESSION_KEY_FILE);
-    let io = |source| Error::DataDir {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() == 32 => {
-            let mut secret = [0u8; 32];
-            secret.copy_from_slice(&bytes);
-            Ok(SessionKeys::new(secret))
-        }
-        Ok(_) => Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "expected 32 bytes",
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let secret: [u8; 32] = rand::random();
-            write_private(&path, &secret).map_err(io)?;
-            Ok(SessionKeys::new(secret))
-        }
-        Err(e) => Err(io(e)),
-    }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+    SessionKeys::load_or_create(&path).map_err(|source| Error::DataDir { path, source })
 }
 
 impl Platform {

@@ -9,6 +9,7 @@
 //! Session tokens are `base64url(v1|user|device|expiry_ms) . base64url(HMAC-SHA256)`
 //! under a secret of the deployment ([`SessionKeys`]).
 
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -98,6 +99,32 @@ impl SessionKeys {
         Self { secret }
     }
 
+    /// Reads a 32-byte secret from `path`, shared by every gateway of a
+    /// deployment so that a token from one is good on the others.
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} must hold exactly 32 bytes", path.display()),
+            )
+        })?;
+        Ok(Self::new(secret))
+    }
+
+    /// Like [`SessionKeys::load`]; a missing file is created with a new
+    /// random secret, readable by its owner only.
+    pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
+        match Self::load(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = rand::random();
+                write_private(path, &secret)?;
+                Ok(Self::new(secret))
+            }
+            other => other,
+        }
+    }
+
     pub fn random() -> Self {
         Self::new(rand::random())
     }
@@ -154,6 +181,33 @@ impl SessionKeys {
             user: UserId::parse(user).map_err(|_| TokenError::Malformed)?,
             device: DeviceId::parse(device).map_err(|_| TokenError::Malformed)?,
         })
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Refuses every login: a gateway with no identity provider configured
+/// (OIDC is not built yet; development logins must be asked for).
+#[derive(Debug, Default)]
+pub struct NoIdentityProvider;
+
+#[async_trait]
+impl IdentityProvider for NoIdentityProvider {
+    async fn authenticate(&self, _: &login_request::Credential) -> Result<UserId, Status> {
+        Err(Status::unimplemented(
+            "no identity provider is configured on this gateway",
+        ))
     }
 }
 

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-pub use auth::{DevIdentityProvider, Identity, IdentityProvider, SessionKeys};
+pub use auth::{DevIdentityProvider, Identity, IdentityProvider, NoIdentityProvider, SessionKeys};
 pub use config::GatewayConfig;
 
 /// What can stop a gateway.

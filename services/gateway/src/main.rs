@@ -1,0 +1,87 @@
+//! `chappe-gateway`: the client-facing gateway in a process of its own,
+//! forwarding to the services over NATS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use chappe_bus::Subjects;
+use chappe_bus::nats::{NatsBus, NatsConfig};
+use chappe_gateway::{
+    DevIdentityProvider, Gateway, GatewayConfig, IdentityProvider, NoIdentityProvider, SessionKeys,
+};
+use chappe_telemetry::program::ServiceArgs;
+use clap::Parser;
+
+/// Chappe gateway: client gRPC, authentication, limits, the Connect stream.
+#[derive(Debug, Parser)]
+#[command(name = "chappe-gateway", version, about)]
+struct Args {
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Address of the client-facing gRPC server.
+    #[arg(long, env = "CHAPPE_LISTEN", default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// The 32-byte secret that signs session tokens, the same file for every
+    /// gateway of a deployment (`head -c 32 /dev/urandom > FILE`).
+    #[arg(long, env = "CHAPPE_SESSION_KEY_FILE")]
+    session_key_file: PathBuf,
+    /// Accept development logins (any user name). Never where real users
+    /// connect.
+    #[arg(long, env = "CHAPPE_DEV_LOGIN")]
+    dev_login: bool,
+    /// Largest frame a client may send, in bytes.
+    #[arg(long, env = "CHAPPE_MAX_FRAME_BYTES", default_value_t = GatewayConfig::default().max_frame_bytes)]
+    max_frame_bytes: usize,
+    /// Messages per second a device may send, and the burst above it.
+    #[arg(long, env = "CHAPPE_SEND_RATE", default_value_t = GatewayConfig::default().send_rate_per_second)]
+    send_rate: u32,
+    #[arg(long, env = "CHAPPE_SEND_BURST", default_value_t = GatewayConfig::default().send_burst)]
+    send_burst: u32,
+}
+
+fn main() -> ExitCode {
+    chappe_telemetry::program::main(|a: &Args| (a.service.log_format, "warn,chappe=info"), run)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = GatewayConfig {
+        listen: args.listen,
+        max_frame_bytes: args.max_frame_bytes,
+        send_rate_per_second: args.send_rate,
+        send_burst: args.send_burst,
+        ..GatewayConfig::default()
+    };
+    let keys = SessionKeys::load(&args.session_key_file).with_context(|| {
+        format!(
+            "reading the session key {}",
+            args.session_key_file.display()
+        )
+    })?;
+    let identity: Arc<dyn IdentityProvider> = if args.dev_login {
+        Arc::new(DevIdentityProvider)
+    } else {
+        Arc::new(NoIdentityProvider)
+    };
+    let bus = NatsBus::connect(NatsConfig {
+        urls: args.service.nats,
+        prefix: args.service.prefix.clone(),
+        connection_name: "chappe-gateway".into(),
+        ..NatsConfig::default()
+    })
+    .await
+    .context("connecting to NATS")?;
+    let gateway = Gateway::bind(
+        config,
+        Arc::new(bus),
+        Subjects::new(args.service.prefix),
+        Arc::new(keys),
+        identity,
+    )
+    .await?;
+    println!("chappe-gateway ready on http://{}", gateway.local_addr()?);
+    gateway.run(chappe_telemetry::shutdown_signal()).await?;
+    Ok(())
+}
