@@ -332,6 +332,53 @@ fn healthy(monitor_port: u16) -> bool {
         .is_some_and(|status| status.split_whitespace().nth(1) == Some("200"))
 }
 
+/// A Chappe service binary run as a test would run it: started, waited for
+/// until it prints its ready line, stopped with SIGTERM. Killed if dropped
+/// while running.
+pub struct ServiceProcess {
+    child: Child,
+}
+
+impl ServiceProcess {
+    /// Starts `command` with its standard output piped and returns once the
+    /// process printed its first line (a service prints it when ready),
+    /// with that line.
+    pub fn start(command: &mut Command) -> (ServiceProcess, String) {
+        use std::io::BufRead as _;
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{command:?} does not start: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut ready = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut ready)
+            .expect("readable stdout");
+        (ServiceProcess { child }, ready.trim().to_owned())
+    }
+
+    /// Sends SIGTERM and returns how the process exited.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a pid we own and a valid signal number.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        self.child.wait().expect("the process is waited for")
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,7 @@
 //! `chappe-fanout` as a process of its own: it serves over a real
 //! nats-server, queues delivery jobs on JetStream, and stops on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chappe_bus::nats::{NatsBus, NatsConfig};
@@ -13,24 +12,18 @@ use chappe_proto::v1::{
     ConversationKind, CreateConversationRequest, CreateConversationResponse, DeviceRef,
     ListConversationsRequest, ListConversationsResponse,
 };
-use chappe_testkit::NatsServer;
+use chappe_testkit::{NatsServer, ServiceProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_over_nats_and_stops_on_sigterm() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chappe-fanout"))
-        .env("CHAPPE_NATS_URL", nats.url())
-        .env("CHAPPE_STORE", dir.path().join("chappe.db"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chappe-fanout starts");
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "chappe-fanout ready");
+    let (service, ready) = ServiceProcess::start(
+        Command::new(env!("CARGO_BIN_EXE_chappe-fanout"))
+            .env("CHAPPE_NATS_URL", nats.url())
+            .env("CHAPPE_STORE", dir.path().join("chappe.db")),
+    );
+    assert_eq!(ready.as_str(), "chappe-fanout ready");
 
     let bus = NatsBus::connect(NatsConfig::with_url(nats.url()))
         .await
@@ -68,10 +61,6 @@ async fn serves_over_nats_and_stops_on_sigterm() {
     .unwrap();
     assert_eq!(listed.conversations, vec![created.conversation.unwrap()]);
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert!(child.wait().unwrap().success());
+    let status = service.terminate();
+    assert!(status.success(), "{status:?}");
 }

@@ -2,13 +2,12 @@
 //! logs a device in (development logins on), answers a forwarded call with
 //! the precise status of a missing service, and drains on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use chappe_proto::v1::auth_client::AuthClient;
 use chappe_proto::v1::gateway_client::GatewayClient;
 use chappe_proto::v1::{DevCredential, ListConversationsRequest, LoginRequest, login_request};
-use chappe_testkit::NatsServer;
+use chappe_testkit::{NatsServer, ServiceProcess};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
@@ -18,18 +17,12 @@ async fn logs_in_forwards_and_drains() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("session.key");
     std::fs::write(&key, [7u8; 32]).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chappe-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--dev-login"])
-        .env("CHAPPE_NATS_URL", nats.url())
-        .env("CHAPPE_SESSION_KEY_FILE", &key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chappe-gateway starts");
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let (service, ready) = ServiceProcess::start(
+        Command::new(env!("CARGO_BIN_EXE_chappe-gateway"))
+            .args(["--listen", "127.0.0.1:0", "--dev-login"])
+            .env("CHAPPE_NATS_URL", nats.url())
+            .env("CHAPPE_SESSION_KEY_FILE", &key),
+    );
     let url = ready
         .trim()
         .strip_prefix("chappe-gateway ready on ")
@@ -64,10 +57,6 @@ async fn logs_in_forwards_and_drains() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert!(child.wait().unwrap().success());
+    let status = service.terminate();
+    assert!(status.success(), "{status:?}");
 }

@@ -1,8 +1,7 @@
 //! `chappe-keydir` as a process of its own: it serves over a real
 //! nats-server, and stops cleanly on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,24 +10,18 @@ use chappe_bus::subjects::KeydirMethod;
 use chappe_bus::{Subjects, rpc};
 use chappe_proto::internal::QueryDevices;
 use chappe_proto::v1::{DeviceRef, QueryDevicesRequest, QueryDevicesResponse};
-use chappe_testkit::NatsServer;
+use chappe_testkit::{NatsServer, ServiceProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_over_nats_and_stops_on_sigterm() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chappe-keydir"))
-        .env("CHAPPE_NATS_URL", nats.url())
-        .env("CHAPPE_STORE", dir.path().join("chappe.db"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chappe-keydir starts");
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "chappe-keydir ready");
+    let (service, ready) = ServiceProcess::start(
+        Command::new(env!("CARGO_BIN_EXE_chappe-keydir"))
+            .env("CHAPPE_NATS_URL", nats.url())
+            .env("CHAPPE_STORE", dir.path().join("chappe.db")),
+    );
+    assert_eq!(ready.as_str(), "chappe-keydir ready");
 
     let bus = Arc::new(
         NatsBus::connect(NatsConfig::with_url(nats.url()))
@@ -50,11 +43,6 @@ async fn serves_over_nats_and_stops_on_sigterm() {
         .expect("keydir answers over NATS");
     assert!(answer.devices.is_empty());
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
+    let status = service.terminate();
     assert!(status.success(), "{status:?}");
 }
