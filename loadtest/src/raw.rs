@@ -233,6 +233,7 @@ impl RawDevice {
         self.ask(client_frame::Body::Sync(SyncRequest {
             cursors: Vec::new(),
             limit: 1,
+            continuation: false,
         }))
         .await
         .map(|_| ())

@@ -31,6 +31,12 @@ pub struct FanoutConfig {
     /// again, so an answer always fits a client's frame limit.
     pub max_sync_bytes: usize,
     pub max_history_bytes: usize,
+    /// How far before a device's cursor a sync looks again (default 5 s of
+    /// message-id time). Message ids are taken before their row commits, and
+    /// with several fanout processes a message can commit after a device
+    /// synced past its id; the window covers the commit time and the clock
+    /// skew between fanout hosts. The client drops what it already has.
+    pub sync_settle_window: Duration,
     /// Delivery workers per fanout process (default 4).
     pub delivery_workers: usize,
     /// Wait before a failed delivery job is tried again (default 1 s).
@@ -52,6 +58,7 @@ impl Default for FanoutConfig {
             max_history_limit: 500,
             max_sync_bytes: 1 << 20,
             max_history_bytes: 1 << 20,
+            sync_settle_window: Duration::from_secs(5),
             delivery_workers: 4,
             delivery_retry_delay: Duration::from_secs(1),
         }

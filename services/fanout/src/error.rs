@@ -29,6 +29,10 @@ pub enum Error {
     Contended,
     #[error(transparent)]
     Store(#[from] chappe_storage::Error),
+    /// The message is stored but its delivery job could not be queued: the
+    /// sender retries (the retry finds the stored message and queues again).
+    #[error("message {0} stored but not yet queued for delivery; retry")]
+    NotQueued(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,7 +48,9 @@ impl From<Error> for RpcError {
             Error::NotMember { .. } | Error::Stranger(_) => RpcError::permission_denied(message),
             Error::Refused(_) => RpcError::failed_precondition(message),
             Error::Contended => RpcError::new(Code::Aborted, message),
-            Error::Store(chappe_storage::Error::Unavailable(_)) => RpcError::unavailable(message),
+            Error::Store(chappe_storage::Error::Unavailable(_)) | Error::NotQueued(_) => {
+                RpcError::unavailable(message)
+            }
             Error::Store(chappe_storage::Error::Conflict(_)) => {
                 RpcError::new(Code::Aborted, message)
             }

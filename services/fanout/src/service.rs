@@ -7,7 +7,7 @@ use bytes::Bytes;
 use chappe_bus::rpc::Server;
 use chappe_bus::subjects::{FANOUT_GROUP, FanoutMethod};
 use chappe_bus::{Bus, Headers, RpcError, Subjects};
-use chappe_proto::ids::{ConversationId, MessageIdGenerator, UserId};
+use chappe_proto::ids::{ConversationId, MessageId, MessageIdGenerator, UserId};
 use chappe_proto::internal::{
     self as wire, DeliverJob, ToDeviceDelivery, UserDelivery, user_delivery,
 };
@@ -38,8 +38,8 @@ pub struct Service {
     ids: MessageIdGenerator,
     /// A message id is taken and its row committed under the conversation's
     /// stripe, so ids commit in increasing order within a conversation and a
-    /// sync cursor never passes a message that commits later. Several fanout
-    /// processes need the store's help for this (a settle window on sync).
+    /// sync cursor never passes a message that commits later within one
+    /// process. Across fanout processes, sync's settle window covers it.
     submit_order: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -381,8 +381,10 @@ impl Service {
             )
             .await
         {
-            // Stored is what counts: recipients will get it when they sync.
+            // Acknowledging now would leave connected recipients without it
+            // until they sync again: the sender retries instead.
             tracing::warn!(error = %e, message = %stored.message_id, "delivery job not queued");
+            return Err(Error::NotQueued(stored.message_id.to_string()));
         }
         Ok(v1::SendResult {
             conversation_id: stored.conversation_id.to_string(),
@@ -536,7 +538,10 @@ impl Service {
         for row in self.store.conversations_of(actor.user.as_str()).await? {
             let cursor = cursors.get(&row.conversation_id).copied();
             let known = cursor.is_some();
-            let after = cursor.flatten();
+            let after = match cursor.flatten() {
+                Some(after) if !req.continuation => Some(self.settled(after)),
+                after => after,
+            };
             let moved = match (row.head, after) {
                 (None, _) => false,
                 (Some(head), Some(after)) => head > after,
@@ -580,6 +585,17 @@ impl Service {
             to_device_limited,
             conversations,
         })
+    }
+
+    /// The cursor a sync answers from: `settle window` before the device's
+    /// own, so that a message whose id is below the cursor but which
+    /// committed after the device's last sync still reaches it.
+    fn settled(&self, cursor: MessageId) -> MessageId {
+        let window = u64::try_from(self.config.sync_settle_window.as_millis()).unwrap_or(u64::MAX);
+        if window == 0 {
+            return cursor;
+        }
+        MessageId::floor(cursor.timestamp_ms().saturating_sub(window))
     }
 
     #[tracing::instrument(skip_all)]
