@@ -321,7 +321,11 @@ impl Client {
         store: Store,
         local: Local,
     ) -> Result<Client> {
-        let rpc = Rpc::new(&config.server_url, me.clone(), transport_config(&config))?;
+        let urls: Vec<&str> = std::iter::once(&config.server_url)
+            .chain(&config.failover_urls)
+            .map(String::as_str)
+            .collect();
+        let rpc = Rpc::new(&urls, me.clone(), transport_config(&config))?;
         config.passphrase.zeroize();
         let ed25519 = local.machine.own_device().ed25519.to_base64();
         Ok(Client {
@@ -969,6 +973,8 @@ impl Client {
             let request = client_frame::Body::Sync(pb::SyncRequest {
                 cursors,
                 limit: self.inner.config.sync_page_limit,
+                // Later rounds page on from what the first one returned.
+                continuation: round > 0,
             });
             let response = match link.request(request).await {
                 Ok(server_frame::Body::Sync(response)) => response,

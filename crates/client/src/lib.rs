@@ -65,6 +65,9 @@ pub use state::KdfParams;
 pub struct ClientConfig {
     /// The gateway, e.g. `http://127.0.0.1:7070`.
     pub server_url: String,
+    /// Other gateways of the same platform, tried in turn when the current
+    /// one is unreachable or goes away (default: none).
+    pub failover_urls: Vec<String>,
     /// The device's state directory (created on first login).
     pub state_dir: PathBuf,
     /// Unlocks the state directory.
@@ -106,7 +109,10 @@ pub struct ClientConfig {
     pub max_pending_messages: usize,
     /// Olm sessions kept per remote device (default 4).
     pub max_olm_sessions_per_device: usize,
-    /// Inbox ids and message ids remembered to drop duplicates (default 2000).
+    /// Inbox ids and message ids remembered to drop duplicates (default
+    /// 2000). A sync answers again from a settle window before each cursor
+    /// (fanout's `sync_settle_window`, 5 s), so this should exceed the
+    /// messages a device receives in that time.
     pub dedupe_window: usize,
     /// Frames queued towards the server before senders wait (default 256).
     pub outgoing_buffer: usize,
@@ -128,6 +134,7 @@ impl ClientConfig {
     ) -> Self {
         Self {
             server_url: server_url.into(),
+            failover_urls: Vec::new(),
             state_dir: state_dir.into(),
             passphrase: passphrase.into(),
             kdf: KdfParams::default(),
@@ -156,11 +163,10 @@ impl ClientConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::Config(what.to_owned()));
-        if let Err(e) = tonic::transport::Endpoint::from_shared(self.server_url.clone()) {
-            return Err(Error::Config(format!(
-                "server_url {:?}: {e}",
-                self.server_url
-            )));
+        for url in std::iter::once(&self.server_url).chain(&self.failover_urls) {
+            if let Err(e) = tonic::transport::Endpoint::from_shared(url.clone()) {
+                return Err(Error::Config(format!("server URL {url:?}: {e}")));
+            }
         }
         if self.passphrase.is_empty() {
             return bad("passphrase is empty");

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -65,9 +65,12 @@ impl tonic::service::Interceptor for Bearer {
 
 pub(crate) type Gateway = GatewayClient<InterceptedService<Channel, Bearer>>;
 
-/// The channel, the token, and unary calls.
+/// The channels (one per gateway URL), the token, and unary calls.
 pub(crate) struct Rpc {
-    channel: Channel,
+    /// One lazily connected channel per gateway; `current` is in use until
+    /// it fails, then the next one is.
+    channels: Vec<Channel>,
+    current: AtomicUsize,
     bearer: Bearer,
     token: Mutex<Option<SessionToken>>,
     /// The device this client logs in as (development credential).
@@ -77,18 +80,29 @@ pub(crate) struct Rpc {
 }
 
 impl Rpc {
-    /// Prepares a lazily connected channel to `url` (`http://host:port`).
-    pub fn new(url: &str, device: DeviceAddr, config: TransportConfig) -> Result<Rpc> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Config(format!("server URL {url:?}: {e}")))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .local_address(config.local_address)
-            .http2_keep_alive_interval(config.ping_interval)
-            .keep_alive_timeout(config.request_timeout)
-            .keep_alive_while_idle(true);
+    /// Prepares a lazily connected channel to each of `urls`
+    /// (`http://host:port`), the first in use.
+    pub fn new(urls: &[&str], device: DeviceAddr, config: TransportConfig) -> Result<Rpc> {
+        if urls.is_empty() {
+            return Err(Error::Config("no server URL".into()));
+        }
+        let channels = urls
+            .iter()
+            .map(|url| {
+                let endpoint = Endpoint::from_shared((*url).to_owned())
+                    .map_err(|e| Error::Config(format!("server URL {url:?}: {e}")))?
+                    .connect_timeout(config.connect_timeout)
+                    .tcp_nodelay(true)
+                    .local_address(config.local_address)
+                    .http2_keep_alive_interval(config.ping_interval)
+                    .keep_alive_timeout(config.request_timeout)
+                    .keep_alive_while_idle(true);
+                Ok(endpoint.connect_lazy())
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Rpc {
-            channel: endpoint.connect_lazy(),
+            channels,
+            current: AtomicUsize::new(0),
             bearer: Bearer::default(),
             token: Mutex::new(None),
             device,
@@ -99,6 +113,28 @@ impl Rpc {
 
     pub fn config(&self) -> &TransportConfig {
         &self.config
+    }
+
+    /// The gateway in use and its index (for [`Rpc::fail_over`]).
+    fn channel(&self) -> (usize, Channel) {
+        let i = self.current.load(Ordering::Relaxed) % self.channels.len();
+        (i, self.channels[i].clone())
+    }
+
+    /// Moves on from gateway `failed` to the next one, unless another task
+    /// already did (so two failures seen at once move one step, not two).
+    pub fn fail_over(&self, failed: usize) {
+        if self.channels.len() < 2 {
+            return;
+        }
+        let next = (failed + 1) % self.channels.len();
+        if self
+            .current
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::info!(from = failed, to = next, "failing over to another gateway");
+        }
     }
 
     pub fn set_token(&self, token: Option<SessionToken>) -> Result<()> {
@@ -128,11 +164,21 @@ impl Rpc {
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.config.request_timeout);
-        let mut auth = AuthClient::new(self.channel.clone());
-        let response = timeout(self.config.request_timeout, auth.login(request))
-            .await
-            .map_err(|_| Error::Timeout(self.config.request_timeout))??
-            .into_inner();
+        let (used, channel) = self.channel();
+        let mut auth = AuthClient::new(channel);
+        let response = match timeout(self.config.request_timeout, auth.login(request)).await {
+            Err(_) => {
+                self.fail_over(used);
+                return Err(Error::Timeout(self.config.request_timeout));
+            }
+            Ok(Err(status)) => {
+                if status.code() == tonic::Code::Unavailable {
+                    self.fail_over(used);
+                }
+                return Err(status.into());
+            }
+            Ok(Ok(response)) => response.into_inner(),
+        };
         let device = DeviceAddr::from_proto(response.device.as_ref())?;
         if device != self.device {
             return Err(Error::protocol(format!(
@@ -163,8 +209,13 @@ impl Rpc {
         self.login_dev().await.map(drop)
     }
 
-    pub fn gateway(&self) -> Gateway {
-        GatewayClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    /// A client of the gateway in use, and its index.
+    pub fn gateway(&self) -> (usize, Gateway) {
+        let (i, channel) = self.channel();
+        (
+            i,
+            GatewayClient::with_interceptor(channel, self.bearer.clone()),
+        )
     }
 
     /// One unary call with a deadline; re-logs in once on `UNAUTHENTICATED`.
@@ -180,14 +231,25 @@ impl Rpc {
             let used = self.token().map(|t| t.token);
             let mut request = tonic::Request::new(req.clone());
             request.set_timeout(limit);
-            match timeout(limit, f(self.gateway(), request)).await {
-                Err(_) => return Err(Error::Timeout(limit)),
+            let (gateway_index, gateway) = self.gateway();
+            match timeout(limit, f(gateway, request)).await {
+                Err(_) => {
+                    self.fail_over(gateway_index);
+                    return Err(Error::Timeout(limit));
+                }
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated && !relogged => {
                     relogged = true;
                     self.relogin(used).await?;
                 }
-                Ok(Err(status)) => return Err(status.into()),
+                Ok(Err(status)) => {
+                    // The caller retries (it knows whether the call may be
+                    // repeated); the retry goes to the next gateway.
+                    if status.code() == tonic::Code::Unavailable {
+                        self.fail_over(gateway_index);
+                    }
+                    return Err(status.into());
+                }
             }
         }
     }
@@ -410,21 +472,26 @@ async fn run(
         }
         let (tx, rx) = mpsc::channel(config.outgoing_buffer.max(1));
         let used = rpc.token().map(|t| t.token);
-        let mut gateway = rpc.gateway();
+        let (gateway_index, mut gateway) = rpc.gateway();
         let attempt = tokio::select! {
             r = timeout(config.connect_timeout + config.request_timeout, gateway.connect(ReceiverStream::new(rx))) => r,
             _ = shutdown.changed() => break,
         };
         let mut retry_now = false;
         match attempt {
-            Err(_) => tracing::warn!("Connect: no answer"),
+            Err(_) => {
+                tracing::warn!("Connect: no answer");
+                rpc.fail_over(gateway_index);
+            }
             Ok(Err(status)) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "Connect refused");
-                if status.code() == tonic::Code::Unauthenticated {
-                    match rpc.relogin(used).await {
+                match status.code() {
+                    tonic::Code::Unauthenticated => match rpc.relogin(used).await {
                         Ok(()) => retry_now = true,
                         Err(e) => tracing::warn!(error = %e, "login failed"),
-                    }
+                    },
+                    tonic::Code::Unavailable => rpc.fail_over(gateway_index),
+                    _ => {}
                 }
             }
             Ok(Ok(response)) => {
@@ -448,6 +515,9 @@ async fn run(
                 *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 shared.connected.send_replace(false);
                 shared.fail_pending();
+                // Whether the gateway drains or died, the next attempt goes
+                // to another one (with a single URL, to the same one).
+                rpc.fail_over(gateway_index);
                 let reason = match end {
                     End::Shutdown => break,
                     End::Goaway(reason) => {
