@@ -170,6 +170,28 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Takes jobs from `queue`; consumers of one group share the work.
     async fn consume(&self, queue: &str, consumer_group: &str) -> Result<Jobs>;
+
+    /// Whether the bus can carry messages now (for `/readyz`): `Err` says
+    /// why not. The default says yes.
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Jobs of `queue` not yet done by `consumer_group` (waiting, or in
+    /// hand and not yet acked), when the implementation can tell; `None`
+    /// otherwise.
+    async fn queue_depth(&self, _queue: &str, _consumer_group: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+/// `headers` with the current trace context added, unless they carry one:
+/// what implementations send, so that a trace follows a message.
+pub(crate) fn traced(mut headers: Headers) -> Headers {
+    if !headers.contains_key(chappe_telemetry::otel::TRACE_HEADERS[0]) {
+        chappe_telemetry::otel::inject(&mut headers);
+    }
+    headers
 }
 
 /// Checks a subject or a subscription pattern: non-empty tokens, wildcards

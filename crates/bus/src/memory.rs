@@ -274,7 +274,7 @@ impl Bus for MemoryBus {
         validate_subject(subject, false)?;
         self.inner.publish(Message {
             subject: subject.to_owned(),
-            headers,
+            headers: crate::traced(headers),
             payload,
         });
         Ok(())
@@ -385,12 +385,16 @@ impl Bus for MemoryBus {
         let q = self.inner.queue(queue);
         let message = Message {
             subject: queue.to_owned(),
-            headers,
+            headers: crate::traced(headers),
             payload,
         };
         self.inner.observed(&message);
         q.pending.fetch_add(1, Ordering::Relaxed);
         q.tx.send((message, 0)).map_err(|_| Error::Closed)
+    }
+
+    async fn queue_depth(&self, queue: &str, _consumer_group: &str) -> Result<Option<u64>> {
+        Ok(Some(MemoryBus::queue_depth(self, queue) as u64))
     }
 
     async fn consume(&self, queue: &str, _consumer_group: &str) -> Result<Jobs> {

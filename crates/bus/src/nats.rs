@@ -6,8 +6,8 @@
 //! - request/reply: core NATS requests to a queue group; a request that
 //!   meets no responder, times out or loses its connection is sent again up
 //!   to [`NatsConfig::request_retries`] times with a doubling backoff (callers'
-//!   requests are idempotent by design: submits carry a `client_msg_id`), so
-//!   each attempt may wait up to the caller's timeout;
+//!   requests are idempotent by design: submits carry a `client_msg_id`);
+//!   the caller's timeout bounds all attempts together;
 //! - work queues: one JetStream stream (`<PREFIX>_JOBS` on `<prefix>.jobs.>`,
 //!   work-queue retention, file storage); a queue is one subject in it, and
 //!   must be under `<prefix>.jobs.`. `enqueue` returns once JetStream has
@@ -33,7 +33,8 @@ use async_nats::jetstream::message::{Acker as NatsMessageAcker, PublishMessage};
 use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind, kv};
 use async_nats::{
-    Client, ConnectOptions, Event, HeaderMap, HeaderName, HeaderValue, RequestErrorKind, ServerAddr,
+    Client, ConnectOptions, Event, HeaderMap, HeaderName, HeaderValue, RequestErrorKind,
+    ServerAddr, connection::State,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -59,7 +60,8 @@ pub struct NatsConfig {
     pub connection_name: String,
     /// Extra attempts of a request that met no responder, timed out or lost
     /// its connection, and of an enqueue or a JetStream call that failed the
-    /// same way. Default: 2.
+    /// same way. A request's timeout bounds all its attempts together, each
+    /// getting an equal share of the time left. Default: 2.
     pub request_retries: u32,
     /// The wait before the first retry; it doubles at each retry, up to
     /// `retry_backoff_max`. Default: 100 ms.
@@ -651,7 +653,7 @@ impl Bus for NatsBus {
     async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
         validate_subject(subject, false)?;
         let client = &self.inner.client;
-        let result = match to_nats_headers(&headers)? {
+        let result = match to_nats_headers(&crate::traced(headers))? {
             Some(h) => {
                 client
                     .publish_with_headers(subject.to_owned(), h, payload)
@@ -683,11 +685,18 @@ impl Bus for NatsBus {
     ) -> Result<Message> {
         validate_subject(subject, false)?;
         let headers = to_nats_headers(&headers)?;
+        // `timeout` bounds the whole call, retries included: each attempt
+        // gets an equal share of what is left, so a request taken by a
+        // responder that then died is asked again of another in time.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let attempts = self.inner.config.request_retries + 1;
         let mut retry = 0;
         loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / (attempts - retry);
             let mut request = async_nats::Request::new()
                 .payload(payload.clone())
-                .timeout(Some(timeout));
+                .timeout(Some(share));
             if let Some(h) = &headers {
                 request = request.headers(h.clone());
             }
@@ -704,7 +713,7 @@ impl Bus for NatsBus {
                 RequestErrorKind::NoResponders => Error::NoResponders(subject.to_owned()),
                 RequestErrorKind::TimedOut => Error::Timeout {
                     subject: subject.to_owned(),
-                    timeout,
+                    timeout: share,
                 },
                 RequestErrorKind::Other => Error::Transport(format!("request on {subject}: {e}")),
                 RequestErrorKind::InvalidSubject => {
@@ -744,7 +753,32 @@ impl Bus for NatsBus {
 
     async fn enqueue(&self, queue: &str, headers: Headers, payload: Bytes) -> Result<()> {
         self.inner.check_queue(queue)?;
-        self.inner.persist(queue, &headers, payload).await
+        self.inner
+            .persist(queue, &crate::traced(headers), payload)
+            .await
+    }
+
+    async fn health(&self) -> Result<()> {
+        match self.inner.client.connection_state() {
+            State::Connected => Ok(()),
+            state => Err(Error::Transport(format!("NATS connection {state}"))),
+        }
+    }
+
+    async fn queue_depth(&self, queue: &str, consumer_group: &str) -> Result<Option<u64>> {
+        self.inner.check_queue(queue)?;
+        let name = consumer_name(&self.inner, queue, consumer_group);
+        let mut consumer: PullConsumer = self
+            .inner
+            .jetstream
+            .get_consumer_from_stream(&name, &self.inner.stream_name)
+            .await
+            .map_err(|e| Error::Transport(format!("consumer {name} on {queue}: {e}")))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| Error::Transport(format!("consumer {name} on {queue}: {e}")))?;
+        Ok(Some(info.num_pending + info.num_ack_pending as u64))
     }
 
     async fn consume(&self, queue: &str, consumer_group: &str) -> Result<Jobs> {
@@ -752,11 +786,7 @@ impl Bus for NatsBus {
         if consumer_group.is_empty() {
             return Err(Error::InvalidSubject(consumer_group.to_owned()));
         }
-        let consumer_name = format!(
-            "{}__{}",
-            name_token(consumer_group),
-            name_token(&queue[self.inner.queue_prefix.len()..])
-        );
+        let consumer_name = consumer_name(&self.inner, queue, consumer_group);
         // Made here, so that a refused consumer is an error of this call.
         let consumer = self.inner.ensure_consumer(&consumer_name, queue).await?;
         let state = Consuming {
@@ -775,6 +805,15 @@ impl Bus for NatsBus {
             },
         )))
     }
+}
+
+/// The durable consumer of `group` on `queue` (checked by `check_queue`).
+fn consumer_name(inner: &Inner, queue: &str, group: &str) -> String {
+    format!(
+        "{}__{}",
+        name_token(group),
+        name_token(&queue[inner.queue_prefix.len()..])
+    )
 }
 
 #[cfg(test)]

@@ -4,14 +4,22 @@
 //! [`ServiceReply`](chappe_proto::internal::ServiceReply) holding either the
 //! encoded response or a [`ServiceError`] with a gRPC status code, so the
 //! gateway can hand a service's precise status to the client unchanged.
+//!
+//! Telemetry: [`call`] runs in an `rpc.client` span whose trace context
+//! travels in the request's headers; the server handles each request in an
+//! `rpc.server` span, child of that context, and counts it in
+//! `chappe_bus_rpc_requests_total{service,route,code}` and
+//! `chappe_bus_rpc_request_duration_seconds{service,route}`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chappe_proto::internal::{ServiceError, ServiceReply, service_reply};
+use chappe_telemetry::metrics::{self, RouteCodeLabels, RouteLabels};
+use chappe_telemetry::otel;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use prost::Message as _;
@@ -19,6 +27,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 pub use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::{Bus, Error, Headers, Requests};
 
@@ -129,13 +138,22 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
+    let span = tracing::info_span!(
+        "rpc.client",
+        otel.name = %subject,
+        otel.kind = "client",
+        rpc.system = "chappe-bus",
+    );
+    let mut headers = Headers::new();
+    otel::inject_span(&span, &mut headers);
     let reply = bus
         .request(
             subject,
-            Headers::new(),
+            headers,
             Bytes::from(request.encode_to_vec()),
             timeout,
         )
+        .instrument(span)
         .await?;
     let reply = ServiceReply::decode(reply.payload)
         .map_err(|e| RpcError::internal(format!("malformed reply on {subject}: {e}")))?;
@@ -170,6 +188,7 @@ where
     let requests = bus.serve(subject, queue_group).await?;
     serve_requests(
         requests,
+        queue_group.to_owned(),
         subject.to_owned(),
         max_in_flight,
         Arc::new(handler),
@@ -180,6 +199,7 @@ where
 
 async fn serve_requests<Req, Resp, H, Fut>(
     mut requests: Requests,
+    service: String,
     subject: String,
     max_in_flight: usize,
     handler: Arc<H>,
@@ -205,34 +225,67 @@ where
         };
         while in_flight.try_join_next().is_some() {}
         let handler = handler.clone();
-        let subject = subject.clone();
-        in_flight.spawn(async move {
-            let _permit = permit;
-            let result = match Req::decode(request.message.payload.clone()) {
-                Err(e) => Err(RpcError::invalid_argument(format!(
-                    "malformed request on {subject}: {e}"
-                ))),
-                Ok(req) => AssertUnwindSafe(handler(req))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| {
-                        tracing::error!(%subject, "handler panicked");
-                        Err(RpcError::internal("the service failed on this request"))
+        let route = RouteLabels {
+            service: service.clone(),
+            route: subject.clone(),
+        };
+        let span = tracing::info_span!(
+            "rpc.server",
+            otel.name = %subject,
+            otel.kind = "server",
+            rpc.system = "chappe-bus",
+            rpc.service = %service,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        otel::set_parent(&span, &request.message.headers);
+        in_flight.spawn(
+            async move {
+                let _permit = permit;
+                let started = Instant::now();
+                let subject = &route.route;
+                let result = match Req::decode(request.message.payload.clone()) {
+                    Err(e) => Err(RpcError::invalid_argument(format!(
+                        "malformed request on {subject}: {e}"
+                    ))),
+                    Ok(req) => AssertUnwindSafe(handler(req))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!(%subject, "handler panicked");
+                            Err(RpcError::internal("the service failed on this request"))
+                        }),
+                };
+                let code = match &result {
+                    Ok(_) => Code::Ok,
+                    Err(e) => {
+                        tracing::debug!(%subject, code = ?e.code, message = %e.message, "request refused");
+                        e.code
+                    }
+                };
+                tracing::Span::current().record("rpc.grpc.status_code", code as i32);
+                let m = metrics::metrics();
+                m.rpc_duration
+                    .get_or_create(&route)
+                    .observe(metrics::seconds(started.elapsed()));
+                m.rpc_requests
+                    .get_or_create(&RouteCodeLabels {
+                        service: route.service.clone(),
+                        route: route.route.clone(),
+                        code: metrics::grpc_code_name(code as i32),
+                    })
+                    .inc();
+                let reply = ServiceReply {
+                    result: Some(match result {
+                        Ok(resp) => service_reply::Result::Ok(resp.encode_to_vec()),
+                        Err(e) => service_reply::Result::Error(e.to_wire()),
                     }),
-            };
-            if let Err(e) = &result {
-                tracing::debug!(%subject, code = ?e.code, message = %e.message, "request refused");
+                };
+                if let Err(e) = request.respond(Bytes::from(reply.encode_to_vec())).await {
+                    tracing::warn!(%subject, error = %e, "reply not sent");
+                }
             }
-            let reply = ServiceReply {
-                result: Some(match result {
-                    Ok(resp) => service_reply::Result::Ok(resp.encode_to_vec()),
-                    Err(e) => service_reply::Result::Error(e.to_wire()),
-                }),
-            };
-            if let Err(e) = request.respond(Bytes::from(reply.encode_to_vec())).await {
-                tracing::warn!(%subject, error = %e, "reply not sent");
-            }
-        });
+            .instrument(span),
+        );
     }
     drop(requests);
     while in_flight.join_next().await.is_some() {}
@@ -277,9 +330,11 @@ impl Server {
     {
         let max = self.max_in_flight;
         let name = subject.clone();
+        let service = self.queue_group.clone();
         let route: Route = Box::new(move |requests, token| {
             Box::pin(serve_requests(
                 requests,
+                service,
                 name,
                 max,
                 Arc::new(handler),
@@ -393,6 +448,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pong.nonce, (1 << 40) + 1);
+
+        // Every request was counted under its status code, and timed.
+        let m = chappe_telemetry::metrics::metrics();
+        let count = |code| {
+            m.rpc_requests
+                .get_or_create(&RouteCodeLabels {
+                    service: "t".into(),
+                    route: "t.ping".into(),
+                    code,
+                })
+                .get()
+        };
+        assert_eq!(count("OK"), 2);
+        assert_eq!(count("RESOURCE_EXHAUSTED"), 1);
+        assert_eq!(count("INTERNAL"), 1);
+        assert_eq!(count("INVALID_ARGUMENT"), 1);
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains(
+                r#"chappe_bus_rpc_request_duration_seconds_count{service="t",route="t.ping"} 5"#
+            ),
+            "{text}"
+        );
 
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();

@@ -17,6 +17,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::platform::{BusChoice, Platform, PlatformConfig};
 use chappe_bus::nats::NatsConfig;
+use chappe_telemetry::program::{MetricsListen, ServiceTelemetry, ports};
 
 /// Chappe: sovereign end-to-end-encrypted messaging.
 #[derive(Debug, Parser)]
@@ -76,6 +77,16 @@ pub struct UpArgs {
     pub send_rate: u32,
     #[arg(long, env = "CHAPPE_SEND_BURST", default_value_t = 200)]
     pub send_burst: u32,
+    /// Address of the operations HTTP server: `/metrics` (Prometheus, one
+    /// registry for every service of the process), `/healthz`, `/readyz`.
+    /// Default 127.0.0.1:9470, or a free port when that one is taken (the
+    /// banner names it); an address given here must bind.
+    #[arg(long, env = "CHAPPE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC collector to export traces to (`http://collector:4317`).
+    /// Off when unset; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too.
+    #[arg(long, env = "CHAPPE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Which device this command acts as.
@@ -90,9 +101,15 @@ pub struct Profile {
     /// Unlocks the profile's encrypted state.
     #[arg(long, env = "CHAPPE_PASSPHRASE", hide_env_values = true)]
     pub passphrase: String,
-    /// The gateway.
-    #[arg(long, env = "CHAPPE_SERVER", default_value = "http://127.0.0.1:7443")]
-    pub server: String,
+    /// The gateway; several, comma-separated, to fail over from one to the
+    /// next when one is unreachable or drains.
+    #[arg(
+        long,
+        env = "CHAPPE_SERVER",
+        default_value = "http://127.0.0.1:7443",
+        value_delimiter = ','
+    )]
+    pub server: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -164,11 +181,14 @@ impl Profile {
     }
 
     fn config(&self) -> Result<ClientConfig> {
-        Ok(ClientConfig::new(
-            self.server.clone(),
-            self.state_dir()?,
-            self.passphrase.clone(),
-        ))
+        let (first, others) = self
+            .server
+            .split_first()
+            .context("--server names no gateway")?;
+        let mut config =
+            ClientConfig::new(first.clone(), self.state_dir()?, self.passphrase.clone());
+        config.failover_urls = others.to_vec();
+        Ok(config)
     }
 
     async fn open(&self) -> Result<Client> {
@@ -332,8 +352,23 @@ async fn up(args: UpArgs) -> Result<()> {
     let platform = Platform::start(config)
         .await
         .context("the platform did not start")?;
+    let telemetry = ServiceTelemetry::start(
+        "chappe",
+        MetricsListen::or_default(args.metrics_listen, ports::UP),
+        args.otlp_endpoint.as_deref(),
+        platform.readiness(),
+    )
+    .await;
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = platform.shutdown().await;
+            return Err(e).context("telemetry did not start");
+        }
+    };
     let url = platform.gateway_url();
     println!("Chappe is up: gateway {url}");
+    println!("  metrics: http://{}/metrics", telemetry.addr());
     println!(
         "  store: {} (embedded SQLite), bus: {}",
         platform.store().path().display(),
@@ -350,6 +385,8 @@ async fn up(args: UpArgs) -> Result<()> {
     let _ = std::io::stdout().flush();
     chappe_telemetry::shutdown_signal().await;
     eprintln!("shutting down");
-    platform.shutdown().await?;
+    let stopped = platform.shutdown().await;
+    telemetry.shutdown().await;
+    stopped?;
     Ok(())
 }

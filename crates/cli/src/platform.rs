@@ -74,6 +74,8 @@ pub struct Platform {
     store: EmbeddedStore,
     /// The in-process bus, when the services talk over it.
     memory: Option<MemoryBus>,
+    /// The bus every service talks over.
+    bus: Arc<dyn Bus>,
     keydir: RunningServer,
     fanout: Fanout,
     gateway: JoinHandle<Result<(), chappe_gateway::Error>>,
@@ -138,7 +140,7 @@ impl Platform {
         .await?;
         let gateway = Gateway::bind(
             config.gateway.clone(),
-            shared_bus,
+            shared_bus.clone(),
             subjects,
             Arc::new(session_keys(&config.data_dir)?),
             Arc::new(DevIdentityProvider),
@@ -156,6 +158,7 @@ impl Platform {
             addr,
             store,
             memory,
+            bus: shared_bus,
             keydir,
             fanout,
             gateway,
@@ -179,6 +182,11 @@ impl Platform {
     /// The in-process bus, unless the services talk over NATS.
     pub fn memory_bus(&self) -> Option<&MemoryBus> {
         self.memory.as_ref()
+    }
+
+    /// What `/readyz` checks: the bus and the store.
+    pub fn readiness(&self) -> chappe_telemetry::http::Health {
+        chappe_fanout::readiness(Arc::new(self.store.clone()), self.bus.clone())
     }
 
     /// Drains the gateway (clients are told to go), then stops fanout and

@@ -1,15 +1,28 @@
-//! Logs for every Chappe process: `tracing` with an `EnvFilter`
-//! (`RUST_LOG`, default `info`), as human-readable lines or JSON; and
-//! [`shutdown_signal`], the SIGTERM/Ctrl-C every service drains on; and
-//! [`program::main`], what every Chappe binary does around its work.
+//! Telemetry for every Chappe process.
 //!
-//! Metrics (`/metrics`), health endpoints and OpenTelemetry export join this
-//! crate with the distributed runtime.
+//! - [`init`]: logs, `tracing` with an `EnvFilter` (`RUST_LOG`, default
+//!   `info`), as human-readable lines or JSON;
+//! - [`otel`]: OpenTelemetry traces over OTLP, off unless configured, and
+//!   the W3C trace context carried in bus headers and gRPC metadata;
+//! - [`metrics`]: the process's Prometheus registry and every metric in it;
+//! - [`http`]: the operations server, `/metrics`, `/healthz`, `/readyz`;
+//! - [`shutdown_signal`], the SIGTERM/Ctrl-C every service drains on;
+//! - [`program`]: what every Chappe binary does around its work, and the
+//!   arguments every service shares.
 
+pub mod http;
+pub mod metrics;
+pub mod otel;
 pub mod program;
 
+use std::any::TypeId;
+
+use tracing::span;
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Registry;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// How log lines are written.
@@ -39,7 +52,7 @@ impl std::str::FromStr for LogFormat {
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(LateLayer).with(filter);
     let _ = match format {
         LogFormat::Text => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
@@ -52,6 +65,84 @@ pub fn init(format: LogFormat, default_filter: &str) {
             )
             .try_init(),
     };
+}
+
+/// The OpenTelemetry layer, which [`otel::install`] sets after the
+/// subscriber was installed (the command line, parsed after logging
+/// starts, says whether to export). Until then it does nothing.
+struct LateLayer;
+
+impl LateLayer {
+    fn inner() -> Option<&'static (dyn Layer<Registry> + Send + Sync)> {
+        otel::LAYER.get().map(|l| &**l)
+    }
+}
+
+impl Layer<Registry> for LateLayer {
+    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+        // The layer may be set later: never let a callsite be cached as
+        // uninteresting on its account.
+        Interest::always()
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_new_span(attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_follows_from(id, follows, ctx);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_event(event, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_enter(id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_exit(id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_close(id, ctx);
+        }
+    }
+
+    fn on_id_change(&self, old: &span::Id, new: &span::Id, ctx: Context<'_, Registry>) {
+        if let Some(l) = Self::inner() {
+            l.on_id_change(old, new, ctx);
+        }
+    }
+
+    // SAFETY: the inner layer is set once and never moved or dropped (it
+    // lives in a static), so a pointer into it stays valid for as long as
+    // anyone can hold the subscriber.
+    unsafe fn downcast_raw(&self, id: TypeId) -> Option<*const ()> {
+        if id == TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: forwarded to a layer that lives for 'static (see above).
+        Self::inner().and_then(|l| unsafe { l.downcast_raw(id) })
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing).

@@ -9,7 +9,9 @@
 //!   each stored message to its members' `chappe.deliver.u.<user>`;
 //! - [`notify`]: membership and device-list changes told to the members;
 //! - [`convert`]: wire types to domain types and back, validated;
-//! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place.
+//! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place;
+//! - [`metered`]: the store wrapped with timings and a `store` span per
+//!   call; [`readiness`]: the checks behind `/readyz`.
 //!
 //! *Architecture invariant*: fanout is the only writer of the conversation,
 //! message and inbox tables, and it answers a submit only after the store
@@ -19,6 +21,7 @@ pub mod config;
 pub mod convert;
 pub mod delivery;
 pub mod error;
+pub mod metered;
 pub mod notify;
 pub mod service;
 
@@ -27,6 +30,7 @@ use std::sync::Arc;
 use chappe_bus::rpc::RunningServer;
 use chappe_bus::{Bus, Subjects};
 use chappe_storage::{ConversationRepo, InboxRepo, MessageRepo};
+use chappe_telemetry::http::Health;
 
 pub use config::FanoutConfig;
 pub use error::Error;
@@ -52,6 +56,7 @@ impl Fanout {
         bus: Arc<dyn Bus>,
         subjects: Subjects,
     ) -> Result<Self, chappe_bus::Error> {
+        let store: Arc<dyn FanoutStore> = Arc::new(metered::MeteredStore::new(store));
         let service = Arc::new(service::Service::new(
             config.clone(),
             store.clone(),
@@ -78,4 +83,24 @@ impl Fanout {
         self.key_events.stop();
         self.delivery.stop().await;
     }
+}
+
+/// fanout is ready when its bus carries messages and its store answers.
+pub fn readiness(store: Arc<dyn FanoutStore>, bus: Arc<dyn Bus>) -> Health {
+    Health::new()
+        .check("bus", move || {
+            let bus = bus.clone();
+            async move { bus.health().await.map_err(|e| e.to_string()) }
+        })
+        .check("store", move || {
+            let store = store.clone();
+            // A read on an index: cheap, and it needs a working database.
+            async move {
+                store
+                    .conversations_of("")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        })
 }

@@ -8,7 +8,7 @@ use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_fanout::{Fanout, FanoutConfig};
 use chappe_storage::EmbeddedStore;
-use chappe_telemetry::program::ServiceArgs;
+use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
 /// Chappe fanout: conversations, messages, inboxes and their delivery.
@@ -43,24 +43,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = EmbeddedStore::open(&service.store)
         .with_context(|| format!("opening the store {}", service.store.display()))?;
     let bus = NatsBus::connect(NatsConfig {
-        urls: service.nats,
+        urls: service.nats.clone(),
         prefix: service.prefix.clone(),
         connection_name: "chappe-fanout".into(),
         ..NatsConfig::default()
     })
     .await
     .context("connecting to NATS")?;
-    let fanout = Fanout::start(
-        config,
-        Arc::new(store),
-        Arc::new(bus),
-        Subjects::new(service.prefix),
+    let store: Arc<dyn chappe_fanout::FanoutStore> = Arc::new(store);
+    let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
+    let telemetry = ServiceTelemetry::start(
+        "chappe-fanout",
+        service.metrics_listen(ports::FANOUT),
+        service.otlp_endpoint.as_deref(),
+        chappe_fanout::readiness(store.clone(), bus.clone()),
     )
-    .await
-    .context("starting fanout")?;
-    println!("chappe-fanout ready");
+    .await?;
+    telemetry.announce("chappe-fanout");
+    let fanout = Fanout::start(config, store, bus, Subjects::new(service.prefix))
+        .await
+        .context("starting fanout")?;
+    announce("chappe-fanout ready");
     chappe_telemetry::shutdown_signal().await;
     // Requests and jobs in hand are finished; jobs not taken stay queued.
     fanout.stop().await;
+    telemetry.shutdown().await;
     Ok(())
 }

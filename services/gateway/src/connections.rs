@@ -7,6 +7,11 @@
 //! device-list changes to every device of the user. A device whose
 //! outbound queue is full is disconnected: it reconnects and syncs, which
 //! beats unbounded memory here.
+//!
+//! Telemetry: `chappe_gateway_connected_devices` follows the devices held
+//! here; each delivery is pushed in a `gateway.push` span, child of the
+//! trace context its bus message carries, and each frame pushed counts in
+//! `chappe_gateway_pushed_frames_total{kind}`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +21,8 @@ use chappe_bus::{Bus, Subjects};
 use chappe_proto::ids::{DeviceId, UserId};
 use chappe_proto::internal::{UserDelivery, user_delivery};
 use chappe_proto::v1::{Goaway, ServerFrame, server_frame};
+use chappe_telemetry::metrics::{self, KindLabels};
+use chappe_telemetry::otel;
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::sync::mpsc;
@@ -113,6 +120,7 @@ impl Connections {
         if let Some(user) = self.users().get_mut(&identity.user) {
             replace_device(&mut user.conns, &conn.device);
             user.conns.insert(id, conn);
+            devices_gauge().inc();
             return Ok(registration);
         }
         let subscription = self
@@ -143,13 +151,16 @@ impl Connections {
                 );
             }
         }
+        devices_gauge().inc();
         Ok(registration)
     }
 
     fn unregister(&self, user: &UserId, id: u64) {
         let mut users = self.users();
         if let Some(entry) = users.get_mut(user) {
-            entry.conns.remove(&id);
+            if entry.conns.remove(&id).is_some() {
+                devices_gauge().dec();
+            }
             if entry.conns.is_empty() {
                 entry.router.abort();
                 users.remove(user);
@@ -204,6 +215,15 @@ impl Connections {
             }
             None => return,
         };
+        let kind = KindLabels {
+            kind: match &body {
+                server_frame::Body::Message(_) => "message",
+                server_frame::Body::ToDevice(_) => "to_device",
+                server_frame::Body::ConversationChanged(_) => "conversation_changed",
+                server_frame::Body::DeviceListChanged(_) => "device_list_changed",
+                _ => "other",
+            },
+        };
         for conn in conns {
             let device = conn.device.as_str();
             if only.as_deref().is_some_and(|d| d != device)
@@ -215,12 +235,25 @@ impl Connections {
                 request_id: 0,
                 body: Some(body.clone()),
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(Ok(frame)) {
-                tracing::warn!(%user, %device, "device too slow: disconnected, it will resync");
-                conn.cancel.cancel();
+            match conn.tx.try_send(Ok(frame)) {
+                Ok(()) => {
+                    metrics::metrics()
+                        .gateway_pushed_frames
+                        .get_or_create(&kind)
+                        .inc();
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(%user, %device, "device too slow: disconnected, it will resync");
+                    conn.cancel.cancel();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }
+}
+
+fn devices_gauge() -> &'static metrics::Gauge {
+    &metrics::metrics().gateway_connected_devices
 }
 
 /// One stream per device: a device that connects again (a reconnect, or a
@@ -231,6 +264,7 @@ fn replace_device(conns: &mut HashMap<u64, Conn>, device: &DeviceId) {
         if &old.device != device {
             return true;
         }
+        devices_gauge().dec();
         let frame = ServerFrame {
             request_id: 0,
             body: Some(server_frame::Body::Goaway(Goaway {
@@ -252,10 +286,17 @@ async fn route(
         let Some(connections) = connections.upgrade() else {
             return;
         };
-        match UserDelivery::decode(message.payload) {
+        let span = tracing::info_span!(
+            "gateway.push",
+            otel.name = "gateway push",
+            otel.kind = "consumer",
+            %user,
+        );
+        otel::set_parent(&span, &message.headers);
+        span.in_scope(|| match UserDelivery::decode(message.payload) {
             Ok(delivery) => connections.deliver(&user, delivery),
             Err(e) => tracing::warn!(%user, error = %e, "malformed delivery ignored"),
-        }
+        });
     }
     // The subscription ended (the bus closed): these devices would get no
     // more deliveries here. Close them; they reconnect and resubscribe.
@@ -264,6 +305,7 @@ async fn route(
     };
     let entry = connections.users().remove(&user);
     if let Some(entry) = entry {
+        devices_gauge().dec_by(entry.conns.len() as i64);
         tracing::warn!(%user, "delivery subscription ended; disconnecting the user's devices");
         for conn in entry.conns.values() {
             conn.cancel.cancel();

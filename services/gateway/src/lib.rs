@@ -9,7 +9,8 @@
 //!   subscription (`chappe.deliver.u.<user>`) held while a user has one;
 //! - [`service`]: the `Gateway` service: unary RPCs forwarded to keydir and
 //!   fanout over the bus, and the `Connect` stream;
-//! - [`limits`]: per-device rate limits.
+//! - [`limits`]: per-device rate limits;
+//! - [`readiness`]: the checks behind `/readyz`.
 //!
 //! *API boundary*: the gateway is the only component that speaks to
 //! clients. It never interprets ciphertext; it checks identity, sizes and
@@ -34,6 +35,14 @@ use tonic::service::interceptor::InterceptedService;
 
 pub use auth::{DevIdentityProvider, Identity, IdentityProvider, NoIdentityProvider, SessionKeys};
 pub use config::GatewayConfig;
+
+/// A gateway is ready when its bus carries messages (it keeps no store).
+pub fn readiness(bus: Arc<dyn Bus>) -> chappe_telemetry::http::Health {
+    chappe_telemetry::http::Health::new().check("bus", move || {
+        let bus = bus.clone();
+        async move { bus.health().await.map_err(|e| e.to_string()) }
+    })
+}
 
 /// What can stop a gateway.
 #[derive(Debug, thiserror::Error)]

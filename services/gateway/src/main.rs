@@ -12,7 +12,7 @@ use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_gateway::{
     DevIdentityProvider, Gateway, GatewayConfig, IdentityProvider, NoIdentityProvider, SessionKeys,
 };
-use chappe_telemetry::program::ServiceArgs;
+use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
 /// Chappe gateway: client gRPC, authentication, limits, the Connect stream.
@@ -66,22 +66,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(NoIdentityProvider)
     };
     let bus = NatsBus::connect(NatsConfig {
-        urls: args.service.nats,
+        urls: args.service.nats.clone(),
         prefix: args.service.prefix.clone(),
         connection_name: "chappe-gateway".into(),
         ..NatsConfig::default()
     })
     .await
     .context("connecting to NATS")?;
+    let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
+    let telemetry = ServiceTelemetry::start(
+        "chappe-gateway",
+        args.service.metrics_listen(ports::GATEWAY),
+        args.service.otlp_endpoint.as_deref(),
+        chappe_gateway::readiness(bus.clone()),
+    )
+    .await?;
+    telemetry.announce("chappe-gateway");
     let gateway = Gateway::bind(
         config,
-        Arc::new(bus),
-        Subjects::new(args.service.prefix),
+        bus,
+        Subjects::new(args.service.prefix.clone()),
         Arc::new(keys),
         identity,
     )
     .await?;
-    println!("chappe-gateway ready on http://{}", gateway.local_addr()?);
-    gateway.run(chappe_telemetry::shutdown_signal()).await?;
+    announce(&format!(
+        "chappe-gateway ready on http://{}",
+        gateway.local_addr()?
+    ));
+    let served = gateway.run(chappe_telemetry::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    served?;
     Ok(())
 }

@@ -5,20 +5,30 @@
 //! each is answered with the same `request_id`, and failures of one frame
 //! come back as a `FrameError` while the stream goes on. Only a broken
 //! stream (an unreadable or oversized frame) ends it, with a precise status.
+//!
+//! Telemetry: each unary call and each frame is handled in a span (a unary
+//! call's is the child of the `traceparent` in its gRPC metadata) and
+//! counted in `chappe_gateway_requests_total{method,code}` and
+//! `chappe_gateway_request_duration_seconds{method}`; methods are the gRPC
+//! method names, and `Connect/<frame kind>` for frames.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chappe_bus::subjects::{FanoutMethod, KeydirMethod};
-use chappe_bus::{Bus, RpcError, Subjects, rpc};
+use chappe_bus::{Bus, Headers, RpcError, Subjects, rpc};
 use chappe_proto::ids::DeviceId;
 use chappe_proto::internal as wire;
 use chappe_proto::v1::{self, ClientFrame, FrameError, ServerFrame, client_frame, server_frame};
+use chappe_telemetry::metrics::{self, MethodCodeLabels, MethodLabels};
+use chappe_telemetry::otel;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::auth::{Identity, IdentityProvider, SessionKeys};
 use crate::config::GatewayConfig;
@@ -83,9 +93,12 @@ impl Inner {
         rpc::call(&*self.bus, &subject, request, self.config.rpc_timeout).await
     }
 
-    /// Forwards a unary call after the caller's rate limit.
+    /// Forwards a unary call after the caller's rate limit, in a span that
+    /// continues the caller's trace (`parent`, from its metadata).
     async fn unary<Req, Resp>(
         &self,
+        method: &'static str,
+        parent: &Headers,
         identity: &Identity,
         subject: String,
         request: &Req,
@@ -94,8 +107,18 @@ impl Inner {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        self.limits.call(identity)?;
-        Ok(Response::new(self.call(subject, request).await?))
+        let span = request_span(method, identity);
+        otel::set_parent(&span, parent);
+        let started = Instant::now();
+        let result: Result<Resp, RpcError> = async {
+            self.limits.call(identity)?;
+            self.call(subject, request).await
+        }
+        .instrument(span.clone())
+        .await;
+        let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
+        observe(&span, method, code, started);
+        Ok(Response::new(result?))
     }
 
     fn fanout(&self, method: FanoutMethod) -> String {
@@ -105,7 +128,16 @@ impl Inner {
     /// Answers one frame of a `Connect` stream.
     async fn frame(&self, identity: &Identity, frame: ClientFrame) -> ServerFrame {
         let request_id = frame.request_id;
-        let body = match self.frame_body(identity, frame.body).await {
+        let method = frame_method(frame.body.as_ref());
+        let span = request_span(method, identity);
+        let started = Instant::now();
+        let result = self
+            .frame_body(identity, frame.body)
+            .instrument(span.clone())
+            .await;
+        let code = result.as_ref().map_or_else(|e| e.code, |_| Code::Ok);
+        observe(&span, method, code, started);
+        let body = match result {
             Ok(body) => body,
             Err(e) => server_frame::Body::Error(FrameError {
                 code: e.code as u32,
@@ -232,6 +264,59 @@ impl Inner {
     }
 }
 
+/// The span of one public request.
+fn request_span(method: &'static str, identity: &Identity) -> tracing::Span {
+    tracing::info_span!(
+        "gateway.request",
+        otel.name = method,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+        user = %identity.user,
+        device = %identity.device,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}
+
+/// Counts and times one public request.
+fn observe(span: &tracing::Span, method: &'static str, code: Code, started: Instant) {
+    span.record("rpc.grpc.status_code", code as i32);
+    let m = metrics::metrics();
+    m.gateway_duration
+        .get_or_create(&MethodLabels { method })
+        .observe(metrics::seconds(started.elapsed()));
+    m.gateway_requests
+        .get_or_create(&MethodCodeLabels {
+            method,
+            code: metrics::grpc_code_name(code as i32),
+        })
+        .inc();
+}
+
+/// The metrics label of a `Connect` frame.
+fn frame_method(body: Option<&client_frame::Body>) -> &'static str {
+    use client_frame::Body as In;
+    match body {
+        Some(In::Send(_)) => "Connect/Send",
+        Some(In::SendToDevice(_)) => "Connect/SendToDevice",
+        Some(In::AckToDevice(_)) => "Connect/AckToDevice",
+        Some(In::Sync(_)) => "Connect/Sync",
+        Some(In::Ping(_)) => "Connect/Ping",
+        None => "Connect/Empty",
+    }
+}
+
+/// The W3C trace context a caller put in its gRPC metadata.
+fn trace_headers(metadata: &MetadataMap) -> Headers {
+    otel::TRACE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = metadata.get(*name)?.to_str().ok()?;
+            Some(((*name).to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl v1::gateway_server::Gateway for GatewayService {
     type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
@@ -244,11 +329,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.0.config.outbound_queue.max(1));
         let cancel = CancellationToken::new();
-        let registration = self
+        let started = Instant::now();
+        let registered = self
             .0
             .connections
             .register(&identity, tx.clone(), cancel.clone())
-            .await?;
+            .await;
+        let code = registered.as_ref().map_or_else(|e| e.code(), |_| Code::Ok);
+        observe(&tracing::Span::none(), "Connect", code, started);
+        let registration = registered?;
         tracing::info!(user = %identity.user, device = %identity.device, "device connected");
         let inner = self.0.clone();
         tokio::spawn(async move {
@@ -265,12 +354,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::UploadKeysRequest>,
     ) -> Result<Response<v1::UploadKeysResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::UploadKeys {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.subjects.keydir(KeydirMethod::UploadKeys);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("UploadKeys", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn query_devices(
@@ -278,12 +370,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::QueryDevicesRequest>,
     ) -> Result<Response<v1::QueryDevicesResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::QueryDevices {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.subjects.keydir(KeydirMethod::QueryDevices);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("QueryDevices", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn claim_keys(
@@ -291,12 +386,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::ClaimKeysRequest>,
     ) -> Result<Response<v1::ClaimKeysResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::ClaimKeys {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.subjects.keydir(KeydirMethod::ClaimKeys);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("ClaimKeys", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn create_conversation(
@@ -304,12 +402,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::CreateConversationRequest>,
     ) -> Result<Response<v1::CreateConversationResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::CreateConversation {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.fanout(FanoutMethod::CreateConversation);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("CreateConversation", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn list_conversations(
@@ -317,12 +418,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::ListConversationsRequest>,
     ) -> Result<Response<v1::ListConversationsResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::ListConversations {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.fanout(FanoutMethod::ListConversations);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("ListConversations", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn get_conversation(
@@ -330,12 +434,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::GetConversationRequest>,
     ) -> Result<Response<v1::GetConversationResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::GetConversation {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.fanout(FanoutMethod::GetConversation);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("GetConversation", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn update_membership(
@@ -343,12 +450,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::UpdateMembershipRequest>,
     ) -> Result<Response<v1::UpdateMembershipResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::UpdateMembership {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.fanout(FanoutMethod::UpdateMembership);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("UpdateMembership", &parent, &identity, subject, &req)
+            .await
     }
 
     async fn history(
@@ -356,12 +466,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         request: Request<v1::HistoryRequest>,
     ) -> Result<Response<v1::HistoryResponse>, Status> {
         let identity = Identity::of(&request)?;
+        let parent = trace_headers(request.metadata());
         let req = wire::History {
             actor: Some(identity.to_wire()),
             request: Some(request.into_inner()),
         };
         let subject = self.0.fanout(FanoutMethod::History);
-        self.0.unary(&identity, subject, &req).await
+        self.0
+            .unary("History", &parent, &identity, subject, &req)
+            .await
     }
 }
 
@@ -389,6 +502,19 @@ impl AuthService {
 #[tonic::async_trait]
 impl v1::auth_server::Auth for AuthService {
     async fn login(
+        &self,
+        request: Request<v1::LoginRequest>,
+    ) -> Result<Response<v1::LoginResponse>, Status> {
+        let started = Instant::now();
+        let result = self.login_inner(request).await;
+        let code = result.as_ref().map_or_else(|e| e.code(), |_| Code::Ok);
+        observe(&tracing::Span::none(), "Login", code, started);
+        result
+    }
+}
+
+impl AuthService {
+    async fn login_inner(
         &self,
         request: Request<v1::LoginRequest>,
     ) -> Result<Response<v1::LoginResponse>, Status> {

@@ -8,6 +8,8 @@
 //!   and the bus routes that serve them;
 //! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place
 //!   (`impl From<Error> for RpcError`);
+//! - [`metered`]: the store wrapped with timings and a `store` span per
+//!   call; [`readiness`]: the checks behind `/readyz`;
 //! - [`start`]: subscribes every method and returns the running server.
 //!
 //! *Architecture invariant*: keydir is the only writer of the
@@ -22,6 +24,7 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod metered;
 pub mod service;
 
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use chappe_bus::rpc::RunningServer;
 use chappe_bus::{Bus, Subjects};
 use chappe_storage::KeyRepo;
+use chappe_telemetry::http::Health;
 
 pub use config::KeydirConfig;
 pub use error::{Error, Result};
@@ -41,6 +45,27 @@ pub async fn start(
     bus: Arc<dyn Bus>,
     subjects: Subjects,
 ) -> Result<RunningServer, chappe_bus::Error> {
+    let store: Arc<dyn KeyRepo> = Arc::new(metered::MeteredStore::new(store));
     let service = Arc::new(service::Service::new(config, store, bus, subjects));
     service::routes(service).start().await
+}
+
+/// keydir is ready when its bus carries messages and its store answers.
+pub fn readiness(store: Arc<dyn KeyRepo>, bus: Arc<dyn Bus>) -> Health {
+    Health::new()
+        .check("bus", move || {
+            let bus = bus.clone();
+            async move { bus.health().await.map_err(|e| e.to_string()) }
+        })
+        .check("store", move || {
+            let store = store.clone();
+            // A read on a primary key: cheap, and it needs a working database.
+            async move {
+                store
+                    .count_one_time_keys("", "")
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        })
 }

@@ -8,7 +8,7 @@ use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_keydir::KeydirConfig;
 use chappe_storage::EmbeddedStore;
-use chappe_telemetry::program::ServiceArgs;
+use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
 /// Chappe keydir: device keys, signed one-time keys and fallback keys.
@@ -27,23 +27,34 @@ async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
     let store = EmbeddedStore::open(&args.store)
         .with_context(|| format!("opening the store {}", args.store.display()))?;
     let bus = NatsBus::connect(NatsConfig {
-        urls: args.nats,
+        urls: args.nats.clone(),
         prefix: args.prefix.clone(),
         connection_name: "chappe-keydir".into(),
         ..NatsConfig::default()
     })
     .await
     .context("connecting to NATS")?;
+    let store: Arc<dyn chappe_storage::KeyRepo> = Arc::new(store);
+    let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
+    let telemetry = ServiceTelemetry::start(
+        "chappe-keydir",
+        args.metrics_listen(ports::KEYDIR),
+        args.otlp_endpoint.as_deref(),
+        chappe_keydir::readiness(store.clone(), bus.clone()),
+    )
+    .await?;
+    telemetry.announce("chappe-keydir");
     let server = chappe_keydir::start(
         KeydirConfig::default(),
-        Arc::new(store),
-        Arc::new(bus),
+        store,
+        bus,
         Subjects::new(args.prefix),
     )
     .await
     .context("subscribing keydir's methods")?;
-    println!("chappe-keydir ready");
+    announce("chappe-keydir ready");
     chappe_telemetry::shutdown_signal().await;
     server.stop().await;
+    telemetry.shutdown().await;
     Ok(())
 }
