@@ -5,6 +5,10 @@
 //!   value; it can be stopped, killed and restarted on the same port and
 //!   store, to test what survives.
 //!
+//! - [`ServiceProcess`]: one Chappe service binary, started and waited for.
+//! - [`cluster::Cluster`]: keydir, fanouts and gateways, each in its own
+//!   process, over one nats-server, as a deployment runs them.
+//!
 //! Tests never depend on a server someone left running (CONVENTIONS.md,
 //! "Tests"). A test that cannot start its server panics with a message that
 //! says what to install: it never passes silently.
@@ -17,6 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+pub mod cluster;
 
 /// The oldest nats-server the tests accept.
 pub const NATS_MIN_VERSION: (u32, u32) = (2, 12);
@@ -333,29 +339,66 @@ fn healthy(monitor_port: u16) -> bool {
 }
 
 /// A Chappe service binary run as a test would run it: started, waited for
-/// until it prints its ready line, stopped with SIGTERM. Killed if dropped
-/// while running.
+/// until it prints its ready line, stopped with SIGTERM or killed. Killed if
+/// dropped while running.
 pub struct ServiceProcess {
     child: Child,
+    lines: Vec<String>,
 }
 
 impl ServiceProcess {
     /// Starts `command` with its standard output piped and returns once the
-    /// process printed its first line (a service prints it when ready),
-    /// with that line.
+    /// process printed a line containing ` ready` (a service prints it when
+    /// it serves), with that line. Lines printed before it are kept
+    /// ([`ServiceProcess::line_with`]); later output is read and dropped so
+    /// that the process never blocks on a full pipe.
+    ///
+    /// Panics if the process exits before it is ready.
     pub fn start(command: &mut Command) -> (ServiceProcess, String) {
         use std::io::BufRead as _;
-        let mut child = command
+        let child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{command:?} does not start: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut ready = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut ready)
-            .expect("readable stdout");
-        (ServiceProcess { child }, ready.trim().to_owned())
+        // Owned from here on: a panic below kills and reaps it (Drop).
+        let mut process = ServiceProcess {
+            child,
+            lines: Vec::new(),
+        };
+        let stdout = process.child.stdout.take().expect("piped stdout");
+        let mut reader = std::io::BufReader::new(stdout);
+        loop {
+            let mut line = String::new();
+            let read = reader.read_line(&mut line).expect("readable stdout");
+            if read == 0 {
+                let status = process.child.wait().expect("the process is waited for");
+                panic!(
+                    "{command:?} exited ({status}) before it was ready; it printed {:?}",
+                    process.lines
+                );
+            }
+            let line = line.trim().to_owned();
+            let ready = line.contains(" ready");
+            process.lines.push(line.clone());
+            if ready {
+                std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+                return (process, line);
+            }
+        }
+    }
+
+    /// The first line printed up to the ready line that contains `needle`.
+    pub fn line_with(&self, needle: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .map(String::as_str)
+            .find(|l| l.contains(needle))
+    }
+
+    /// The operating system's id of the process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM and returns how the process exited.
@@ -367,6 +410,12 @@ impl ServiceProcess {
             }
         }
         self.child.wait().expect("the process is waited for")
+    }
+
+    /// Kills the process at once (SIGKILL, `kill -9`), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,8 +1,10 @@
 //! Shared test harness: a platform on a free loopback port in a temporary
-//! directory, and raw gRPC clients for poking at it.
+//! directory (or a cluster of service processes over NATS), raw gRPC
+//! clients for poking at it, and the scenarios both must pass.
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod scenarios;
 
 use std::time::Duration;
 
@@ -134,14 +136,76 @@ pub fn megolm_ciphertext(plaintext: &str) -> (Vec<u8>, String) {
     (session.encrypt(plaintext).to_bytes(), session.session_id())
 }
 
-/// A device's client settings for this platform: its own state directory
-/// under the test's temporary directory, and a cheap KDF.
-pub fn client_config(platform: &TestPlatform, name: &str) -> chappe_client::ClientConfig {
+/// Where the scenarios run: the platform in this process, or a cluster of
+/// service processes.
+pub trait Deployment: Sync {
+    /// Every gateway, in order.
+    fn gateway_urls(&self) -> Vec<String>;
+    /// The test's directory (devices keep their state under it).
+    fn dir(&self) -> &std::path::Path;
+    /// The store the services write to.
+    fn store(&self) -> &chappe_storage::EmbeddedStore;
+}
+
+impl Deployment for TestPlatform {
+    fn gateway_urls(&self) -> Vec<String> {
+        vec![self.url()]
+    }
+    fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+    fn store(&self) -> &chappe_storage::EmbeddedStore {
+        self.platform.store()
+    }
+}
+
+/// keydir, fanouts and gateways each in a process of its own over a real
+/// nats-server (two of each but keydir by default).
+pub struct TestCluster {
+    pub cluster: chappe_testkit::cluster::Cluster,
+    /// The same store file, opened by the test to look at what was written.
+    store: chappe_storage::EmbeddedStore,
+}
+
+impl TestCluster {
+    pub fn start() -> Self {
+        Self::start_with(chappe_testkit::cluster::ClusterConfig::default())
+    }
+
+    pub fn start_with(config: chappe_testkit::cluster::ClusterConfig) -> Self {
+        let cluster = chappe_testkit::cluster::Cluster::start(config);
+        let store = chappe_storage::EmbeddedStore::open(&cluster.dir().join("chappe.db"))
+            .expect("the cluster's store opens");
+        Self { cluster, store }
+    }
+}
+
+impl Deployment for TestCluster {
+    fn gateway_urls(&self) -> Vec<String> {
+        self.cluster.gateway_urls().to_vec()
+    }
+    fn dir(&self) -> &std::path::Path {
+        self.cluster.dir()
+    }
+    fn store(&self) -> &chappe_storage::EmbeddedStore {
+        &self.store
+    }
+}
+
+/// A device's client settings for this deployment: its own state directory
+/// under the test's temporary directory, and a cheap KDF. With several
+/// gateways, devices are spread over them by name (so that a conversation's
+/// members sit on different gateways) and fail over to the others.
+pub fn client_config(deployment: &impl Deployment, name: &str) -> chappe_client::ClientConfig {
+    let mut urls = deployment.gateway_urls();
+    let first = name.bytes().map(usize::from).sum::<usize>() % urls.len();
+    urls.rotate_left(first);
     let mut config = chappe_client::ClientConfig::new(
-        platform.url(),
-        platform.dir.path().join("devices").join(name),
+        urls[0].clone(),
+        deployment.dir().join("devices").join(name),
         format!("{name} passphrase"),
     );
+    config.failover_urls = urls[1..].to_vec();
     config.kdf = chappe_client::KdfParams::insecure_fast();
     config
 }
