@@ -51,6 +51,12 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Raw NATS rates between two processes, next to the same operations
+    /// through Chappe's bus layer (the bus's own limit).
+    Nats(Box<crate::nats_bench::NatsBenchArgs>),
+    /// The other process of `nats` (started by it).
+    #[command(hide = true)]
+    NatsPeer(crate::nats_bench::NatsPeerArgs),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -92,6 +98,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             std::fs::write(&out, crate::html::render(&read_report(&report)?))?;
             Ok(())
         }
+        Command::Nats(args) => crate::nats_bench::run(*args).await,
+        Command::NatsPeer(args) => crate::nats_bench::peer(args).await,
     }
 }
 

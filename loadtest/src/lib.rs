@@ -10,6 +10,8 @@
 //! - [`report`]: the JSON report, and exact merging of workers' reports;
 //! - [`html`], [`compare`]: the HTML report and side-by-side comparison;
 //! - [`scrape`]: the server's own `/metrics`, before and after a run;
+//! - [`nats_bench`]: raw NATS rates between two processes next to the same
+//!   operations through the bus layer (`chappe-loadtest nats`);
 //! - [`cli`]: the command line, the embedded platform and worker processes.
 
 pub mod cli;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod html;
 pub mod measure;
+pub mod nats_bench;
 pub mod raw;
 pub mod report;
 pub mod scrape;
