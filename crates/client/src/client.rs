@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Instant;
 
@@ -48,6 +49,8 @@ struct Inner {
     keys_lock: Mutex<()>,
     link: StdMutex<Option<Arc<Link>>>,
     listener: StdMutex<Option<mpsc::Sender<Event>>>,
+    /// A catch-up sync is scheduled (see [`Client::schedule_catch_up`]).
+    catch_up_scheduled: AtomicBool,
 }
 
 /// Everything persisted, in memory.
@@ -342,6 +345,7 @@ impl Client {
                 keys_lock: Mutex::new(()),
                 link: StdMutex::new(None),
                 listener: StdMutex::new(None),
+                catch_up_scheduled: AtomicBool::new(false),
             }),
         })
     }
@@ -1244,9 +1248,44 @@ impl Client {
                     }
                     local.decrypt_event(msg)
                 };
+                let missing_key = matches!(
+                    &event,
+                    Event::Undecryptable {
+                        reason: CryptoError::MissingRoomKey { .. },
+                        ..
+                    }
+                );
                 self.emit(event).await;
+                if missing_key {
+                    self.schedule_catch_up();
+                }
             }
         }
+    }
+
+    /// A message arrived before its room key. The key normally follows at
+    /// once (it travels on another path), but its push may have been lost
+    /// (pushes are at most once; the inbox is the record): after
+    /// `missing_key_sync_delay`, sync, which fetches the inbox and delivers
+    /// what the key unlocks. One catch-up at a time, however many messages
+    /// wait.
+    fn schedule_catch_up(&self) {
+        if self.inner.catch_up_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        let delay = self.inner.config.missing_key_sync_delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            inner.catch_up_scheduled.store(false, Ordering::Release);
+            let link = inner.link.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(link) = link {
+                Client { inner }.sync_and_emit(&link).await;
+            }
+        });
     }
 
     /// The newest `limit` messages of a conversation that this device can

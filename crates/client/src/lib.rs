@@ -105,6 +105,9 @@ pub struct ClientConfig {
     pub max_to_device_batch: usize,
     /// Events buffered for the listener before the client waits (default 1024).
     pub event_buffer: usize,
+    /// How long a message may wait for its room key before the client syncs
+    /// to fetch the key from its inbox (default 1 s).
+    pub missing_key_sync_delay: Duration,
     /// Undecryptable messages kept until their room key arrives (default 1000).
     pub max_pending_messages: usize,
     /// Olm sessions kept per remote device (default 4).
@@ -152,6 +155,7 @@ impl ClientConfig {
             max_text_bytes: 64 * 1024,
             max_to_device_batch: 100,
             event_buffer: 1024,
+            missing_key_sync_delay: Duration::from_secs(1),
             max_pending_messages: 1000,
             max_olm_sessions_per_device: 4,
             dedupe_window: 2_000,

@@ -437,6 +437,7 @@ impl Link {
             .ok_or(Error::Disconnected)?;
         let frame = pb::ClientFrame {
             request_id: id,
+            trace_context: Default::default(),
             body: Some(body),
         };
         match timeout_at(deadline, out.send(frame)).await {
@@ -584,6 +585,7 @@ async fn serve(
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
                 let frame = pb::ClientFrame {
                     request_id: id,
+                    trace_context: Default::default(),
                     body: Some(client_frame::Body::Ping(pb::Ping { nonce: id })),
                 };
                 // A full queue means frames are flowing anyway.
