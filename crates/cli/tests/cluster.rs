@@ -23,6 +23,11 @@ fn unlimited() -> ClusterConfig {
         env: vec![
             ("CHAPPE_SEND_RATE".into(), "1000000".into()),
             ("CHAPPE_SEND_BURST".into(), "1000000".into()),
+            // A request taken by a fanout that is then killed is asked of
+            // the other after 1.5 s (a third of this), and the delivery
+            // jobs it held come back after 5 s.
+            ("CHAPPE_RPC_TIMEOUT_MS".into(), "4500".into()),
+            ("CHAPPE_JOB_ACK_WAIT_MS".into(), "5000".into()),
         ],
         ..ClusterConfig::default()
     }
@@ -176,7 +181,7 @@ async fn ten_thousand_messages_among_twenty_devices_survive_fanouts_killed_every
     }
     let chat_of = |user: &str| chats[user];
 
-    // Kill a fanout (`kill -9`) every three seconds, alternating, and start
+    // Kill a fanout (`kill -9`) every four seconds, alternating, and start
     // it again a second later, until the senders are done.
     let done = Arc::new(AtomicBool::new(false));
     let killer = {
@@ -185,7 +190,7 @@ async fn ten_thousand_messages_among_twenty_devices_survive_fanouts_killed_every
         tokio::task::spawn_blocking(move || {
             let mut kills = 0;
             while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_secs(2));
+                std::thread::sleep(Duration::from_secs(3));
                 cluster.cluster.kill_fanout(kills % 2);
                 std::thread::sleep(Duration::from_secs(1));
                 cluster.cluster.start_fanout(kills % 2);
@@ -230,7 +235,7 @@ async fn ten_thousand_messages_among_twenty_devices_survive_fanouts_killed_every
                 (user.clone(), device.clone()),
                 events,
                 want,
-                Duration::from_secs(240),
+                Duration::from_secs(300),
             )),
         ));
         let chat = chat_of(&user);

@@ -37,8 +37,10 @@ pub struct FanoutConfig {
     /// synced past its id; the window covers the commit time and the clock
     /// skew between fanout hosts. The client drops what it already has.
     pub sync_settle_window: Duration,
-    /// Delivery workers per fanout process (default 4).
+    /// Delivery workers (JetStream consumers) per fanout process (default 4).
     pub delivery_workers: usize,
+    /// Jobs each delivery worker handles at once (default 16).
+    pub delivery_jobs_in_flight: usize,
     /// Wait before a failed delivery job is tried again (default 1 s).
     pub delivery_retry_delay: Duration,
 }
@@ -60,6 +62,7 @@ impl Default for FanoutConfig {
             max_history_bytes: 1 << 20,
             sync_settle_window: Duration::from_secs(5),
             delivery_workers: 4,
+            delivery_jobs_in_flight: 16,
             delivery_retry_delay: Duration::from_secs(1),
         }
     }

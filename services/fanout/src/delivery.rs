@@ -61,6 +61,7 @@ impl Workers {
                 bus: bus.clone(),
                 subjects: subjects.clone(),
                 retry_delay: config.delivery_retry_delay,
+                in_flight: config.delivery_jobs_in_flight.max(1),
             };
             tasks.spawn(worker.run(jobs, token.clone()));
         }
@@ -101,23 +102,24 @@ struct Worker {
     bus: Arc<dyn Bus>,
     subjects: Subjects,
     retry_delay: std::time::Duration,
+    in_flight: usize,
 }
 
 impl Worker {
-    async fn run(self, mut jobs: chappe_bus::Jobs, token: CancellationToken) {
-        loop {
-            let job = tokio::select! {
-                _ = token.cancelled() => break,
-                job = jobs.next() => match job { Some(job) => job, None => break },
-            };
-            self.handle(job).await;
-        }
+    /// Handles up to `in_flight` jobs at once (each waits on the store, the
+    /// bus and JetStream's confirmed ack, so one at a time would leave the
+    /// worker idle on fsyncs); on cancellation takes no new job and
+    /// finishes those in hand.
+    async fn run(self, jobs: chappe_bus::Jobs, token: CancellationToken) {
+        let worker = &self;
+        jobs.take_until(token.cancelled_owned())
+            .for_each_concurrent(self.in_flight, |job| worker.handle(job))
+            .await;
     }
 
     async fn handle(&self, job: Job) {
         let span = tracing::info_span!(
             "fanout.deliver",
-            otel.name = "fanout deliver",
             otel.kind = "consumer",
             attempt = job.attempt,
             outcome = tracing::field::Empty,

@@ -23,9 +23,17 @@ struct Args {
     /// Most members of a group.
     #[arg(long, env = "CHAPPE_MAX_GROUP_MEMBERS", default_value_t = FanoutConfig::default().max_group_members)]
     max_group_members: usize,
-    /// Delivery workers of this process.
+    /// Delivery workers (JetStream consumers) of this process.
     #[arg(long, env = "CHAPPE_DELIVERY_WORKERS", default_value_t = FanoutConfig::default().delivery_workers)]
     delivery_workers: usize,
+    /// Jobs each delivery worker handles at once.
+    #[arg(long, env = "CHAPPE_DELIVERY_JOBS_IN_FLIGHT", default_value_t = FanoutConfig::default().delivery_jobs_in_flight)]
+    delivery_jobs_in_flight: usize,
+    /// Milliseconds JetStream waits for a delivery job's ack before handing
+    /// it to another worker: how long the jobs of a fanout that died stay
+    /// stuck. Longer than a job ever takes.
+    #[arg(long, env = "CHAPPE_JOB_ACK_WAIT_MS", default_value_t = NatsConfig::default().ack_wait.as_millis() as u64)]
+    job_ack_wait_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +46,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes,
         max_group_members: args.max_group_members,
         delivery_workers: args.delivery_workers,
+        delivery_jobs_in_flight: args.delivery_jobs_in_flight,
         ..FanoutConfig::default()
     };
     let store = EmbeddedStore::open(&service.store)
@@ -46,6 +55,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         urls: service.nats.clone(),
         prefix: service.prefix.clone(),
         connection_name: "chappe-fanout".into(),
+        ack_wait: std::time::Duration::from_millis(args.job_ack_wait_ms),
         ..NatsConfig::default()
     })
     .await

@@ -40,6 +40,10 @@ struct Args {
     send_rate: u32,
     #[arg(long, env = "CHAPPE_SEND_BURST", default_value_t = GatewayConfig::default().send_burst)]
     send_burst: u32,
+    /// Milliseconds a call to a service may take, its retries over the bus
+    /// included; past it the client gets DEADLINE_EXCEEDED or UNAVAILABLE.
+    #[arg(long, env = "CHAPPE_RPC_TIMEOUT_MS", default_value_t = GatewayConfig::default().rpc_timeout.as_millis() as u64)]
+    rpc_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_frame_bytes: args.max_frame_bytes,
         send_rate_per_second: args.send_rate,
         send_burst: args.send_burst,
+        rpc_timeout: std::time::Duration::from_millis(args.rpc_timeout_ms),
         ..GatewayConfig::default()
     };
     let keys = SessionKeys::load(&args.session_key_file).with_context(|| {
