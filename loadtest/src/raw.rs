@@ -204,6 +204,7 @@ impl RawDevice {
         };
         tx.send(ClientFrame {
             request_id,
+            trace_context: Default::default(),
             body: Some(body),
         })
         .await

@@ -44,6 +44,7 @@ impl Stream {
         self.tx
             .send(ClientFrame {
                 request_id,
+                trace_context: Default::default(),
                 body: Some(body),
             })
             .await
@@ -225,6 +226,7 @@ async fn every_kind_of_bad_input_gets_its_status_and_others_are_served() {
         .tx
         .send(ClientFrame {
             request_id: 5,
+            trace_context: Default::default(),
             body: None,
         })
         .await
@@ -245,6 +247,7 @@ async fn every_kind_of_bad_input_gets_its_status_and_others_are_served() {
         .tx
         .send(ClientFrame {
             request_id: 7,
+            trace_context: Default::default(),
             body: Some(client_frame::Body::Send(huge)),
         })
         .await

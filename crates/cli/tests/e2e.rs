@@ -134,6 +134,7 @@ async fn a_retried_send_is_stored_once_with_the_same_id() {
     for request_id in [1, 2] {
         tx.send(ClientFrame {
             request_id,
+            trace_context: Default::default(),
             body: Some(client_frame::Body::Send(SendMessage {
                 conversation_id: conversation.clone(),
                 client_msg_id: "retry-me".into(),

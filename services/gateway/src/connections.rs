@@ -288,7 +288,6 @@ async fn route(
         };
         let span = tracing::info_span!(
             "gateway.push",
-            otel.name = "gateway push",
             otel.kind = "consumer",
             %user,
         );

@@ -7,11 +7,13 @@
 //! stream (an unreadable or oversized frame) ends it, with a precise status.
 //!
 //! Telemetry: each unary call and each frame is handled in a span (a unary
-//! call's is the child of the `traceparent` in its gRPC metadata) and
+//! call's is the child of the `traceparent` in its gRPC metadata, a frame's
+//! the child of the one in its `trace_context`) and
 //! counted in `chappe_gateway_requests_total{method,code}` and
 //! `chappe_gateway_request_duration_seconds{method}`; methods are the gRPC
 //! method names, and `Connect/<frame kind>` for frames.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,11 +127,12 @@ impl Inner {
         self.subjects.fanout(method)
     }
 
-    /// Answers one frame of a `Connect` stream.
+    /// Answers one frame of a `Connect` stream, in a span that continues
+    /// the client's trace when the frame carries one.
     async fn frame(&self, identity: &Identity, frame: ClientFrame) -> ServerFrame {
         let request_id = frame.request_id;
         let method = frame_method(frame.body.as_ref());
-        let span = request_span(method, identity);
+        let span = frame_span(method, identity, &frame.trace_context);
         let started = Instant::now();
         let result = self
             .frame_body(identity, frame.body)
@@ -276,6 +279,22 @@ fn request_span(method: &'static str, identity: &Identity) -> tracing::Span {
         device = %identity.device,
         rpc.grpc.status_code = tracing::field::Empty,
     )
+}
+
+/// The span of one `Connect` frame: a child of the client's span when the
+/// frame's `trace_context` carries one (only its W3C entries are read).
+fn frame_span(
+    method: &'static str,
+    identity: &Identity,
+    trace_context: &HashMap<String, String>,
+) -> tracing::Span {
+    let span = request_span(method, identity);
+    let parent: Headers = otel::TRACE_HEADERS
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), trace_context.get(*name)?.clone())))
+        .collect();
+    otel::set_parent(&span, &parent);
+    span
 }
 
 /// Counts and times one public request.
