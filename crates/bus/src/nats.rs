@@ -693,6 +693,12 @@ impl Bus for NatsBus {
         let mut retry = 0;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() && retry > 0 {
+                return Err(Error::Timeout {
+                    subject: subject.to_owned(),
+                    timeout,
+                });
+            }
             let share = left / (attempts - retry);
             let mut request = async_nats::Request::new()
                 .payload(payload.clone())
@@ -713,7 +719,7 @@ impl Bus for NatsBus {
                 RequestErrorKind::NoResponders => Error::NoResponders(subject.to_owned()),
                 RequestErrorKind::TimedOut => Error::Timeout {
                     subject: subject.to_owned(),
-                    timeout: share,
+                    timeout,
                 },
                 RequestErrorKind::Other => Error::Transport(format!("request on {subject}: {e}")),
                 RequestErrorKind::InvalidSubject => {
