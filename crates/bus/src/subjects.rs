@@ -8,6 +8,7 @@ pub const DEFAULT_PREFIX: &str = "chappe";
 /// Queue groups, one per service.
 pub const FANOUT_GROUP: &str = "fanout";
 pub const KEYDIR_GROUP: &str = "keydir";
+pub const PRESENCE_GROUP: &str = "presence";
 /// The consumer group of delivery workers.
 pub const DELIVERY_GROUP: &str = "fanout-delivery";
 
@@ -85,6 +86,26 @@ impl KeydirMethod {
     }
 }
 
+/// Request/reply methods served by presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceMethod {
+    /// A device's connection, heartbeat or disconnection, from its gateway.
+    Connection,
+    /// A batch of users' presence.
+    Query,
+}
+
+impl PresenceMethod {
+    pub const ALL: [PresenceMethod; 2] = [Self::Connection, Self::Query];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connection => "connection",
+            Self::Query => "query",
+        }
+    }
+}
+
 impl Subjects {
     /// `prefix` must be one or more subject tokens without wildcards.
     pub fn new(prefix: impl Into<String>) -> Self {
@@ -105,6 +126,11 @@ impl Subjects {
     /// `<prefix>.rpc.keydir.<method>`
     pub fn keydir(&self, method: KeydirMethod) -> String {
         format!("{}.rpc.keydir.{}", self.prefix, method.as_str())
+    }
+
+    /// `<prefix>.rpc.presence.<method>`
+    pub fn presence(&self, method: PresenceMethod) -> String {
+        format!("{}.rpc.presence.{}", self.prefix, method.as_str())
     }
 
     /// `<prefix>.jobs.deliver`: the durable queue of delivery jobs.
@@ -154,6 +180,10 @@ mod tests {
         assert_eq!(
             Subjects::new("x.y").fanout(FanoutMethod::Submit),
             "x.y.rpc.fanout.submit"
+        );
+        assert_eq!(
+            s.presence(PresenceMethod::Query),
+            "chappe.rpc.presence.query"
         );
     }
 }

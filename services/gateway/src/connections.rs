@@ -213,6 +213,12 @@ impl Connections {
             Some(user_delivery::Item::DeviceListChanged(d)) => {
                 (server_frame::Body::DeviceListChanged(d), None, None)
             }
+            Some(user_delivery::Item::PresenceChanged(p)) => {
+                // Not forwarded to devices yet: the Connect stream has no
+                // presence frame in this slice.
+                tracing::debug!(%user, of = %p.user_id, "presence change not forwarded");
+                return;
+            }
             None => return,
         };
         let kind = KindLabels {

@@ -17,6 +17,11 @@ pub struct PresenceConfig {
     /// Must be shorter than `ttl` (a few heartbeats per ttl, so that one lost
     /// heartbeat does not make a user offline). Default: 20 s.
     pub heartbeat_interval: Duration,
+    /// Users one presence query may ask about; more is INVALID_ARGUMENT.
+    /// Default: 500.
+    pub max_query_users: usize,
+    /// Requests each method handles at once. Default: 256.
+    pub max_in_flight: usize,
 }
 
 impl Default for PresenceConfig {
@@ -25,6 +30,8 @@ impl Default for PresenceConfig {
             ttl: Duration::from_secs(60),
             away_after: Duration::from_secs(5 * 60),
             heartbeat_interval: Duration::from_secs(20),
+            max_query_users: 500,
+            max_in_flight: 256,
         }
     }
 }
@@ -43,6 +50,8 @@ pub enum ConfigError {
         heartbeat_interval: Duration,
         ttl: Duration,
     },
+    #[error("presence {0} must be positive")]
+    ZeroLimit(&'static str),
 }
 
 impl PresenceConfig {
@@ -61,6 +70,12 @@ impl PresenceConfig {
                 ttl: self.ttl,
             });
         }
+        if self.max_query_users == 0 {
+            return Err(ConfigError::ZeroLimit("max_query_users"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::ZeroLimit("max_in_flight"));
+        }
         Ok(())
     }
 }
@@ -75,6 +90,7 @@ mod tests {
         assert_eq!(config.ttl, Duration::from_secs(60));
         assert_eq!(config.away_after, Duration::from_secs(300));
         assert_eq!(config.heartbeat_interval, Duration::from_secs(20));
+        assert_eq!(config.max_query_users, 500);
         config.validate().unwrap();
     }
 
@@ -98,5 +114,13 @@ mod tests {
             ..PresenceConfig::default()
         };
         assert_eq!(zero.validate(), Err(ConfigError::ZeroHeartbeat));
+        let zero = PresenceConfig {
+            max_query_users: 0,
+            ..PresenceConfig::default()
+        };
+        assert_eq!(
+            zero.validate(),
+            Err(ConfigError::ZeroLimit("max_query_users"))
+        );
     }
 }
