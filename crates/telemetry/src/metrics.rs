@@ -213,6 +213,25 @@ pub fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Runs one store operation in a `store` span (named after the operation,
+/// so a trace shows where a request spent its time) and records its
+/// duration in `family` under `operation`: what fanout's and keydir's
+/// metered stores do for every repository call.
+pub async fn timed_store_call<T>(
+    family: &LatencyFamily<OperationLabels>,
+    operation: &'static str,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("store", otel.name = operation, db.operation = operation);
+    let started = std::time::Instant::now();
+    let out = call.instrument(span).await;
+    family
+        .get_or_create(&OperationLabels { operation })
+        .observe(seconds(started.elapsed()));
+    out
+}
+
 /// The canonical name of a gRPC status code (`OK`, `INVALID_ARGUMENT`...),
 /// for labels; `UNKNOWN` for a number outside the 17 codes.
 pub fn grpc_code_name(code: i32) -> &'static str {

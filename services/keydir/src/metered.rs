@@ -4,14 +4,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use chappe_storage::{
     ClaimedKey, DeviceKeysRow, KeyRepo, OneTimeKeyRow, PutDevice, PutFallback, Result,
 };
-use chappe_telemetry::metrics::{self, OperationLabels};
-use tracing::Instrument as _;
+use chappe_telemetry::metrics;
 
 /// A [`KeyRepo`] that measures the one it wraps.
 pub struct MeteredStore {
@@ -26,14 +24,7 @@ impl MeteredStore {
 
 /// Runs one store operation in a span, timing it.
 async fn timed<T>(operation: &'static str, call: impl Future<Output = T>) -> T {
-    let span = tracing::info_span!("store", otel.name = operation, db.operation = operation);
-    let started = Instant::now();
-    let out = call.instrument(span).await;
-    metrics::metrics()
-        .keydir_store_duration
-        .get_or_create(&OperationLabels { operation })
-        .observe(metrics::seconds(started.elapsed()));
-    out
+    metrics::timed_store_call(&metrics::metrics().keydir_store_duration, operation, call).await
 }
 
 #[async_trait]
