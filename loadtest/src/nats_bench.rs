@@ -108,10 +108,6 @@ impl Measurement {
             _ => None,
         }
     }
-
-    fn is_bus(self) -> bool {
-        self.raw_of().is_some()
-    }
 }
 
 /// `chappe-loadtest nats`.
@@ -497,8 +493,10 @@ pub async fn measure(args: NatsBenchArgs) -> Result<NatsBenchReport> {
 
     let mut ratios = Vec::new();
     for round in 1..=args.rounds {
-        for bus_m in measurements.iter().copied().filter(|m| m.is_bus()) {
-            let raw_m = bus_m.raw_of().expect("a bus measurement");
+        let pairs = measurements
+            .iter()
+            .filter_map(|&bus_m| bus_m.raw_of().map(|raw_m| (bus_m, raw_m)));
+        for (bus_m, raw_m) in pairs {
             let find = |m| {
                 results
                     .iter()

@@ -214,9 +214,15 @@ fn decode(user: &UserId, value: &[u8]) -> Result<UserPresence> {
     })
 }
 
-fn encode(record: &UserPresence) -> Bytes {
-    // A map of strings to integers, and integers: serializing cannot fail.
-    Bytes::from(serde_json::to_vec(record).expect("a presence record serializes"))
+fn encode(user: &UserId, record: &UserPresence) -> Result<Bytes> {
+    // A map of strings to integers, and integers: this does not fail; if it
+    // ever did, the write is refused rather than the process brought down.
+    serde_json::to_vec(record)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Corrupt {
+            user: user.to_string(),
+            why: format!("cannot serialize: {e}"),
+        })
 }
 
 #[async_trait]
@@ -235,7 +241,7 @@ impl PresenceStore for KvPresenceStore {
 
     async fn put(&self, user: &UserId, record: &UserPresence) -> Result<()> {
         self.kv
-            .put(user_key(user), encode(record))
+            .put(user_key(user), encode(user, record)?)
             .await
             .map_err(|e| backend("writing", user, e))?;
         Ok(())
@@ -259,7 +265,7 @@ impl PresenceStore for KvPresenceStore {
                 None => (UserPresence::default(), 0),
             };
             change(&mut record);
-            match self.kv.update(&key, encode(&record), revision).await {
+            match self.kv.update(&key, encode(user, &record)?, revision).await {
                 Ok(_) => return Ok(record),
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
                     tracing::debug!(%user, "presence update raced: retrying");
