@@ -214,6 +214,18 @@ where
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut in_flight = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // Labels and the latency histogram of this route, looked up once rather
+    // than per request.
+    let route = RouteLabels {
+        service,
+        route: subject,
+    };
+    let duration = metrics::metrics()
+        .rpc_duration
+        .get_or_create(&route)
+        .clone();
+    let route = Arc::new(route);
+    let subject = &route.route;
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -225,16 +237,14 @@ where
         };
         while in_flight.try_join_next().is_some() {}
         let handler = handler.clone();
-        let route = RouteLabels {
-            service: service.clone(),
-            route: subject.clone(),
-        };
+        let route = route.clone();
+        let duration = duration.clone();
         let span = tracing::info_span!(
             "rpc.server",
             otel.name = %subject,
             otel.kind = "server",
             rpc.system = "chappe-bus",
-            rpc.service = %service,
+            rpc.service = %route.service,
             rpc.grpc.status_code = tracing::field::Empty,
         );
         otel::set_parent(&span, &request.message.headers);
@@ -263,11 +273,9 @@ where
                     }
                 };
                 tracing::Span::current().record("rpc.grpc.status_code", code as i32);
-                let m = metrics::metrics();
-                m.rpc_duration
-                    .get_or_create(&route)
-                    .observe(metrics::seconds(started.elapsed()));
-                m.rpc_requests
+                duration.observe(metrics::seconds(started.elapsed()));
+                metrics::metrics()
+                    .rpc_requests
                     .get_or_create(&RouteCodeLabels {
                         service: route.service.clone(),
                         route: route.route.clone(),
