@@ -54,6 +54,10 @@ fi
 CHAPPE_NATS_SERVER="$(command -v nats-server)"
 export CHAPPE_NATS_SERVER
 
+# A fresh checkout builds once: incremental caches would only add gigabytes
+# to the disk CI builds on.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 say "format"
 cargo fmt --all -- --check
 
