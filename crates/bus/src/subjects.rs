@@ -9,6 +9,7 @@ pub const DEFAULT_PREFIX: &str = "chappe";
 pub const FANOUT_GROUP: &str = "fanout";
 pub const KEYDIR_GROUP: &str = "keydir";
 pub const PRESENCE_GROUP: &str = "presence";
+pub const MEDIA_GROUP: &str = "media";
 /// The consumer group of delivery workers.
 pub const DELIVERY_GROUP: &str = "fanout-delivery";
 
@@ -36,10 +37,15 @@ pub enum FanoutMethod {
     AckToDevice,
     Sync,
     History,
+    /// For presence: the users who share a conversation with a user.
+    Contacts,
+    /// For presence and media: which of some conversations a user is a
+    /// member of, with their members.
+    Memberships,
 }
 
 impl FanoutMethod {
-    pub const ALL: [FanoutMethod; 9] = [
+    pub const ALL: [FanoutMethod; 11] = [
         Self::CreateConversation,
         Self::ListConversations,
         Self::GetConversation,
@@ -49,6 +55,8 @@ impl FanoutMethod {
         Self::AckToDevice,
         Self::Sync,
         Self::History,
+        Self::Contacts,
+        Self::Memberships,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +70,8 @@ impl FanoutMethod {
             Self::AckToDevice => "ack_to_device",
             Self::Sync => "sync",
             Self::History => "history",
+            Self::Contacts => "contacts",
+            Self::Memberships => "memberships",
         }
     }
 }
@@ -93,15 +103,57 @@ pub enum PresenceMethod {
     Connection,
     /// A batch of users' presence.
     Query,
+    /// A member is typing in a conversation: relayed, never stored.
+    Typing,
+    /// A user's presence settings (hide last-seen).
+    Settings,
 }
 
 impl PresenceMethod {
-    pub const ALL: [PresenceMethod; 2] = [Self::Connection, Self::Query];
+    pub const ALL: [PresenceMethod; 4] =
+        [Self::Connection, Self::Query, Self::Typing, Self::Settings];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Connection => "connection",
             Self::Query => "query",
+            Self::Typing => "typing",
+            Self::Settings => "settings",
+        }
+    }
+}
+
+/// Request/reply methods served by media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaMethod {
+    /// Opens or resumes an upload.
+    Begin,
+    /// Stores the next chunk of an upload.
+    PutChunk,
+    /// What is stored of an upload (its owner asks).
+    Status,
+    /// A complete object, for a member of a conversation it was posted in.
+    Open,
+    /// One chunk of a complete object, same access rule.
+    GetChunk,
+}
+
+impl MediaMethod {
+    pub const ALL: [MediaMethod; 5] = [
+        Self::Begin,
+        Self::PutChunk,
+        Self::Status,
+        Self::Open,
+        Self::GetChunk,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Begin => "begin",
+            Self::PutChunk => "put_chunk",
+            Self::Status => "status",
+            Self::Open => "open",
+            Self::GetChunk => "get_chunk",
         }
     }
 }
@@ -131,6 +183,11 @@ impl Subjects {
     /// `<prefix>.rpc.presence.<method>`
     pub fn presence(&self, method: PresenceMethod) -> String {
         format!("{}.rpc.presence.{}", self.prefix, method.as_str())
+    }
+
+    /// `<prefix>.rpc.media.<method>`.
+    pub fn media(&self, method: MediaMethod) -> String {
+        format!("{}.rpc.media.{}", self.prefix, method.as_str())
     }
 
     /// `<prefix>.jobs.deliver`: the durable queue of delivery jobs.

@@ -43,6 +43,9 @@ pub struct FanoutConfig {
     pub delivery_jobs_in_flight: usize,
     /// Wait before a failed delivery job is tried again (default 1 s).
     pub delivery_retry_delay: Duration,
+    /// Conversations one `memberships` request (from presence or media) may
+    /// ask about (default 100).
+    pub max_memberships_query: usize,
 }
 
 impl Default for FanoutConfig {
@@ -58,6 +61,7 @@ impl Default for FanoutConfig {
             sync_inbox_limit: 500,
             history_limit: 50,
             max_history_limit: 500,
+            max_memberships_query: 100,
             max_sync_bytes: 1 << 20,
             max_history_bytes: 1 << 20,
             sync_settle_window: Duration::from_secs(5),

@@ -29,6 +29,10 @@ pub fn body<T>(request: Option<T>) -> Result<T> {
     request.ok_or_else(|| Error::Invalid("request body is missing".into()))
 }
 
+pub fn user_id(s: &str) -> Result<UserId> {
+    Ok(UserId::parse(s)?)
+}
+
 pub fn conversation_id(s: &str) -> Result<ConversationId> {
     Ok(ConversationId::parse(s)?)
 }

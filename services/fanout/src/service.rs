@@ -68,7 +68,9 @@ pub fn routes(
     let server = route!(server, SubmitToDevice, submit_to_device);
     let server = route!(server, AckToDevice, ack_to_device);
     let server = route!(server, Sync, sync);
-    route!(server, History, history)
+    let server = route!(server, History, history);
+    let server = route!(server, Contacts, contacts);
+    route!(server, Memberships, memberships)
 }
 
 impl Service {
@@ -240,6 +242,54 @@ impl Service {
             conversations.push(self.conversation_wire(&row).await?);
         }
         Ok(v1::ListConversationsResponse { conversations })
+    }
+
+    /// For presence: the users who share at least one conversation with
+    /// `user_id`, without them, each once.
+    #[tracing::instrument(skip_all)]
+    pub async fn contacts(&self, req: wire::ContactsRequest) -> Result<wire::ContactsResponse> {
+        let user = convert::user_id(&req.user_id)?;
+        let mut users = std::collections::BTreeSet::new();
+        for row in self.store.conversations_of(user.as_str()).await? {
+            users.extend(self.store.members(row.conversation_id).await?);
+        }
+        users.remove(user.as_str());
+        Ok(wire::ContactsResponse {
+            user_ids: users.into_iter().collect(),
+        })
+    }
+
+    /// For presence and media: of the asked conversations, those `user_id`
+    /// is a member of, with their members. Unknown ones are left out; at
+    /// most `max_memberships_query` may be asked at once.
+    #[tracing::instrument(skip_all)]
+    pub async fn memberships(
+        &self,
+        req: wire::MembershipsRequest,
+    ) -> Result<wire::MembershipsResponse> {
+        let user = convert::user_id(&req.user_id)?;
+        if req.conversation_ids.len() > self.config.max_memberships_query {
+            return Err(Error::Invalid(format!(
+                "{} conversations asked; at most {} (max_memberships_query)",
+                req.conversation_ids.len(),
+                self.config.max_memberships_query
+            )));
+        }
+        let mut asked = std::collections::BTreeSet::new();
+        for id in &req.conversation_ids {
+            asked.insert(convert::conversation_id(id)?);
+        }
+        let mut conversations = Vec::new();
+        for id in asked {
+            if !self.store.is_member(id, user.as_str()).await? {
+                continue;
+            }
+            conversations.push(wire::ConversationMembers {
+                conversation_id: id.to_string(),
+                user_ids: self.store.members(id).await?,
+            });
+        }
+        Ok(wire::MembershipsResponse { conversations })
     }
 
     #[tracing::instrument(skip_all)]

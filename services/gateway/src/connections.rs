@@ -214,11 +214,9 @@ impl Connections {
                 (server_frame::Body::DeviceListChanged(d), None, None)
             }
             Some(user_delivery::Item::PresenceChanged(p)) => {
-                // Not forwarded to devices yet: the Connect stream has no
-                // presence frame in this slice.
-                tracing::debug!(%user, of = %p.user_id, "presence change not forwarded");
-                return;
+                (server_frame::Body::PresenceChanged(p), None, None)
             }
+            Some(user_delivery::Item::Typing(t)) => (server_frame::Body::Typing(t), None, None),
             None => return,
         };
         let kind = KindLabels {
@@ -227,6 +225,8 @@ impl Connections {
                 server_frame::Body::ToDevice(_) => "to_device",
                 server_frame::Body::ConversationChanged(_) => "conversation_changed",
                 server_frame::Body::DeviceListChanged(_) => "device_list_changed",
+                server_frame::Body::PresenceChanged(_) => "presence_changed",
+                server_frame::Body::Typing(_) => "typing",
                 _ => "other",
             },
         };

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chappe_bus::subjects::{FanoutMethod, KeydirMethod};
+use chappe_bus::subjects::{FanoutMethod, KeydirMethod, PresenceMethod};
 use chappe_bus::{Bus, Headers, RpcError, Subjects, rpc};
 use chappe_proto::ids::DeviceId;
 use chappe_proto::internal as wire;
@@ -202,6 +202,35 @@ impl Inner {
                 ))
             }
             In::Ping(ping) => Ok(Out::Pong(v1::Pong { nonce: ping.nonce })),
+            In::Typing(request) => {
+                self.limits.call(identity)?;
+                let req = wire::TypingRequest {
+                    actor,
+                    request: Some(request),
+                };
+                let subject = self.subjects.presence(PresenceMethod::Typing);
+                let _: wire::PresenceAck = self.call(subject, &req).await?;
+                Ok(Out::Accepted(v1::Accepted {}))
+            }
+            In::PresenceQuery(request) => {
+                self.limits.call(identity)?;
+                let req = wire::PresenceQueryRequest {
+                    actor,
+                    request: Some(request),
+                };
+                let subject = self.subjects.presence(PresenceMethod::Query);
+                Ok(Out::Presence(self.call(subject, &req).await?))
+            }
+            In::PresenceSettings(request) => {
+                self.limits.call(identity)?;
+                let req = wire::PresenceSettingsRequest {
+                    actor,
+                    request: Some(request),
+                };
+                let subject = self.subjects.presence(PresenceMethod::Settings);
+                let _: wire::PresenceAck = self.call(subject, &req).await?;
+                Ok(Out::Accepted(v1::Accepted {}))
+            }
         }
     }
 
@@ -321,6 +350,9 @@ fn frame_method(body: Option<&client_frame::Body>) -> &'static str {
         Some(In::AckToDevice(_)) => "Connect/AckToDevice",
         Some(In::Sync(_)) => "Connect/Sync",
         Some(In::Ping(_)) => "Connect/Ping",
+        Some(In::Typing(_)) => "Connect/Typing",
+        Some(In::PresenceQuery(_)) => "Connect/PresenceQuery",
+        Some(In::PresenceSettings(_)) => "Connect/PresenceSettings",
         None => "Connect/Empty",
     }
 }
