@@ -10,9 +10,10 @@
 use chappe_proto::ids::{ConversationId, MessageId, MessageIdGenerator};
 
 use crate::{
-    BUCKET_MS, ClaimedKey, ConversationRow, DeviceKeysRow, Error, InboxRow, InsertMessage,
-    KindCode, MemberChange, MembershipRow, MessageRow, OneTimeKeyRow, OpCode, PutDevice,
-    PutFallback, Result, Store, bucket_of,
+    BUCKET_MS, ClaimedKey, ConversationRow, CreateMedia, DeviceKeysRow, Error, InboxRow,
+    InsertMessage, KindCode, MediaChunkRow, MediaObjectRow, MediaUsage, MemberChange,
+    MembershipRow, MessageRow, OneTimeKeyRow, OpCode, PutChunk, PutDevice, PutFallback, Result,
+    Store, StoredMedia, bucket_of,
 };
 
 /// `ConversationKind::Group`.
@@ -36,6 +37,12 @@ pub async fn run_all<S: Store + Clone + 'static>(store: S) {
     message_dedup_and_head(&store).await;
     paging_after_and_before(&store).await;
     inbox_dedup_order_and_delete(&store).await;
+    media_upload_in_order(&store).await;
+    media_object_conflicts_and_posts(&store).await;
+    media_usage_and_deletion(&store).await;
+    media_expiry(&store).await;
+    media_concurrent_chunk_puts(&store).await;
+    presence_settings(&store).await;
 }
 
 // ---------------------------------------------------------------- keys
@@ -537,6 +544,438 @@ pub async fn inbox_dedup_order_and_delete<S: Store>(store: &S) {
     assert_eq!(ok(store.delete_inbox(&user, "PHONE", &[]).await), 0);
     assert_eq!(inbox("PHONE", 100).await, phone[1..]);
     assert_eq!(inbox("LAPTOP", 100).await, [entry(1, "LAPTOP", "S1")]);
+}
+
+// --------------------------------------------------------------- media
+
+/// An expiry no run of the suite ever reaches, so that [`media_expiry`]
+/// (which deletes everything expired at its time, whoever made it) leaves
+/// the other tests' objects alone.
+const NEVER: i64 = i64::MAX / 2;
+
+/// A fresh media id: 32 lowercase hex digits.
+fn media_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn media_object(owner: &str, size: u64, chunk_size: u32, created_at_ms: i64) -> MediaObjectRow {
+    MediaObjectRow {
+        media_id: media_id(),
+        owner_user_id: owner.into(),
+        size,
+        chunk_size,
+        chunk_count: size.div_ceil(u64::from(chunk_size)) as u32,
+        sha256: format!("whole-{owner}-{size}").into_bytes(),
+        created_at_ms,
+        expires_at_ms: NEVER,
+        complete: false,
+    }
+}
+
+fn chunk(media_id: &str, idx: u32, tag: &str) -> MediaChunkRow {
+    MediaChunkRow {
+        media_id: media_id.into(),
+        idx,
+        sha256: format!("hash-{idx}-{tag}").into_bytes(),
+        data: format!("data-{idx}-{tag}").into_bytes(),
+    }
+}
+
+async fn stored_chunks<S: Store>(store: &S, media_id: &str) -> Option<u32> {
+    ok(store.get_object(media_id).await).map(|m| m.stored_chunks)
+}
+
+/// Chunks are stored only in order: the next index is stored, one stored
+/// already is `Unchanged` with the same hash and a `Conflict` with
+/// another, any other index is `OutOfOrder`; none of those writes. The
+/// object completes only once every chunk is stored.
+pub async fn media_upload_in_order<S: Store>(store: &S) {
+    let owner = unique("uploader");
+    let (conversation, _) = create_group(store, &owner, &[], 1_000).await;
+    let object = media_object(&owner, 10, 4, 5_000);
+    let id = object.media_id.clone();
+    let created = ok(store.create_object(&object, conversation).await);
+    let fresh = StoredMedia {
+        object: object.clone(),
+        stored_chunks: 0,
+    };
+    assert_eq!(created, CreateMedia::Created(fresh.clone()));
+    assert_eq!(ok(store.get_object(&id).await), Some(fresh));
+    assert_eq!(ok(store.get_object(&media_id()).await), None);
+
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 1, "a")).await),
+        PutChunk::OutOfOrder { stored: 0 },
+        "chunk 0 comes first"
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 0, "a")).await),
+        PutChunk::Stored { stored: 1 }
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 0, "a")).await),
+        PutChunk::Unchanged { stored: 1 }
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 0, "b")).await),
+        PutChunk::Conflict { stored: 1 }
+    );
+    assert_eq!(
+        ok(store.get_chunk(&id, 0).await),
+        Some(chunk(&id, 0, "a")),
+        "a conflicting chunk does not replace the stored one"
+    );
+    assert!(
+        !ok(store.mark_complete(&id).await),
+        "an object with missing chunks cannot complete"
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 2, "a")).await),
+        PutChunk::OutOfOrder { stored: 1 }
+    );
+    assert_eq!(ok(store.get_chunk(&id, 2).await), None);
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 1, "a")).await),
+        PutChunk::Stored { stored: 2 }
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 2, "a")).await),
+        PutChunk::Stored { stored: 3 }
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 3, "a")).await),
+        PutChunk::OutOfOrder { stored: 3 },
+        "the object has 3 chunks"
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&media_id(), 0, "a")).await),
+        PutChunk::UnknownObject
+    );
+    for idx in 0..3 {
+        assert_eq!(
+            ok(store.get_chunk(&id, idx).await),
+            Some(chunk(&id, idx, "a"))
+        );
+    }
+
+    assert!(ok(store.mark_complete(&id).await));
+    assert!(ok(store.mark_complete(&id).await), "again is harmless");
+    assert!(!ok(store.mark_complete(&media_id()).await));
+    let complete = MediaObjectRow {
+        complete: true,
+        ..object
+    };
+    assert_eq!(
+        ok(store.get_object(&id).await),
+        Some(StoredMedia {
+            object: complete,
+            stored_chunks: 3
+        })
+    );
+}
+
+/// A media id belongs to one upload: the same upload again is `Existing`
+/// (with what is stored, and its post recorded), another owner or other
+/// fields are a `Conflict` that writes nothing. Posts list each
+/// conversation once.
+pub async fn media_object_conflicts_and_posts<S: Store>(store: &S) {
+    let (owner, other) = (unique("owner"), unique("other"));
+    let (first, _) = create_group(store, &owner, &[&other], 1_000).await;
+    let (second, _) = create_group(store, &owner, &[], 1_000).await;
+    let (third, _) = create_group(store, &other, &[], 1_000).await;
+    let object = media_object(&owner, 8, 4, 5_000);
+    let id = object.media_id.clone();
+    assert!(matches!(
+        ok(store.create_object(&object, first).await),
+        CreateMedia::Created(_)
+    ));
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 0, "a")).await),
+        PutChunk::Stored { stored: 1 }
+    );
+
+    // Resumed later, from another conversation: the times stay the first.
+    let resumed = MediaObjectRow {
+        created_at_ms: 9_000,
+        expires_at_ms: NEVER - 1,
+        ..object.clone()
+    };
+    assert_eq!(
+        ok(store.create_object(&resumed, second).await),
+        CreateMedia::Existing(StoredMedia {
+            object: object.clone(),
+            stored_chunks: 1
+        })
+    );
+
+    let others = [
+        MediaObjectRow {
+            owner_user_id: other.clone(),
+            ..object.clone()
+        },
+        MediaObjectRow {
+            size: 9,
+            chunk_count: 3,
+            ..object.clone()
+        },
+        MediaObjectRow {
+            chunk_size: 8,
+            chunk_count: 1,
+            ..object.clone()
+        },
+        MediaObjectRow {
+            sha256: b"another hash".to_vec(),
+            ..object.clone()
+        },
+    ];
+    for conflicting in others {
+        assert_eq!(
+            ok(store.create_object(&conflicting, third).await),
+            CreateMedia::Conflict,
+            "{conflicting:?}"
+        );
+    }
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(
+        ok(store.posts(&id).await),
+        expected,
+        "a conflicting create records no post"
+    );
+    assert_eq!(
+        ok(store.get_object(&id).await),
+        Some(StoredMedia {
+            object,
+            stored_chunks: 1
+        })
+    );
+
+    assert!(ok(store.add_post(&id, third).await));
+    assert!(ok(store.add_post(&id, third).await), "again is a no-op");
+    expected.push(third);
+    expected.sort();
+    assert_eq!(ok(store.posts(&id).await), expected);
+    assert!(!ok(store.add_post(&media_id(), third).await));
+    assert!(ok(store.posts(&media_id()).await).is_empty());
+}
+
+/// An owner's usage lists their objects created since a time, oldest
+/// first; deleting an object deletes its chunks and posts and takes it out
+/// of the usage.
+pub async fn media_usage_and_deletion<S: Store>(store: &S) {
+    let (owner, other) = (unique("owner"), unique("other"));
+    let (conversation, _) = create_group(store, &owner, &[&other], 1_000).await;
+    let late = media_object(&owner, 300, 100, 30_000);
+    let early = media_object(&owner, 100, 100, 10_000);
+    let middle = media_object(&owner, 200, 100, 20_000);
+    let theirs = media_object(&other, 1_000, 100, 20_000);
+    for object in [&late, &early, &middle, &theirs] {
+        assert!(matches!(
+            ok(store.create_object(object, conversation).await),
+            CreateMedia::Created(_)
+        ));
+    }
+    let usage = |o: &MediaObjectRow| MediaUsage {
+        media_id: o.media_id.clone(),
+        created_at_ms: o.created_at_ms,
+        size: o.size,
+    };
+    assert_eq!(
+        ok(store.usage_since(&owner, 0).await),
+        [usage(&early), usage(&middle), usage(&late)]
+    );
+    assert_eq!(
+        ok(store.usage_since(&owner, 20_000).await),
+        [usage(&middle), usage(&late)],
+        "created at the time counts"
+    );
+    assert!(ok(store.usage_since(&owner, 30_001).await).is_empty());
+    assert!(ok(store.usage_since(&unique("nobody"), 0).await).is_empty());
+
+    let id = middle.media_id.clone();
+    for idx in 0..2 {
+        assert_eq!(
+            ok(store.put_chunk(chunk(&id, idx, "a")).await),
+            PutChunk::Stored { stored: idx + 1 }
+        );
+    }
+    assert!(ok(store.delete_object(&id).await));
+    assert!(!ok(store.delete_object(&id).await), "deleted already");
+    assert_eq!(ok(store.get_object(&id).await), None);
+    assert_eq!(ok(store.get_chunk(&id, 0).await), None);
+    assert_eq!(ok(store.get_chunk(&id, 1).await), None);
+    assert!(ok(store.posts(&id).await).is_empty());
+    assert_eq!(
+        ok(store.usage_since(&owner, 0).await),
+        [usage(&early), usage(&late)]
+    );
+    assert_eq!(
+        ok(store.put_chunk(chunk(&id, 2, "a")).await),
+        PutChunk::UnknownObject
+    );
+
+    // The id is free again, and starts from nothing.
+    let again = MediaObjectRow {
+        created_at_ms: 40_000,
+        ..middle
+    };
+    assert_eq!(
+        ok(store.create_object(&again, conversation).await),
+        CreateMedia::Created(StoredMedia {
+            object: again.clone(),
+            stored_chunks: 0
+        })
+    );
+    assert_eq!(ok(store.posts(&id).await), [conversation]);
+}
+
+/// Objects expired at a time are deleted with their chunks and posts, at
+/// most `limit` per call; the others stay. A call deletes every object
+/// expired at its time, whoever wrote it (another run of the suite may
+/// delete this one's), so this test checks its own rows rather than counts.
+pub async fn media_expiry<S: Store>(store: &S) {
+    const NOW: i64 = 1_000_000;
+    let owner = unique("expiry");
+    let (conversation, _) = create_group(store, &owner, &[], 1_000).await;
+    let mut expired = Vec::new();
+    for expires_at_ms in [NOW - 10, NOW - 5, NOW] {
+        let object = MediaObjectRow {
+            expires_at_ms,
+            ..media_object(&owner, 10, 10, 1_000)
+        };
+        assert!(matches!(
+            ok(store.create_object(&object, conversation).await),
+            CreateMedia::Created(_)
+        ));
+        match ok(store.put_chunk(chunk(&object.media_id, 0, "a")).await) {
+            PutChunk::Stored { stored: 1 } => {}
+            // Expired already: another run of the suite, sweeping at the
+            // same time, may have deleted it.
+            PutChunk::UnknownObject => {}
+            other => panic!("{other:?}"),
+        }
+        expired.push(object.media_id);
+    }
+    let live = MediaObjectRow {
+        expires_at_ms: NOW + 1,
+        ..media_object(&owner, 10, 10, 1_000)
+    };
+    assert!(matches!(
+        ok(store.create_object(&live, conversation).await),
+        CreateMedia::Created(_)
+    ));
+    assert_eq!(
+        ok(store.put_chunk(chunk(&live.media_id, 0, "a")).await),
+        PutChunk::Stored { stored: 1 }
+    );
+
+    assert!(
+        ok(store.delete_expired(NOW, 1).await) <= 1,
+        "at most `limit` per call"
+    );
+    let mut rounds = 0;
+    while ok(store.delete_expired(NOW, 2).await) > 0 {
+        rounds += 1;
+        assert!(rounds < 1_000, "delete_expired never runs out");
+    }
+    for id in &expired {
+        assert_eq!(ok(store.get_object(id).await), None);
+        assert_eq!(ok(store.get_chunk(id, 0).await), None);
+        assert!(ok(store.posts(id).await).is_empty());
+    }
+    assert_eq!(stored_chunks(store, &live.media_id).await, Some(1));
+    assert_eq!(ok(store.posts(&live.media_id).await), [conversation]);
+    assert_eq!(
+        ok(store.usage_since(&owner, 0).await)
+            .into_iter()
+            .map(|u| u.media_id)
+            .collect::<Vec<_>>(),
+        [live.media_id]
+    );
+}
+
+/// Many writers racing on the same chunks: each index is stored once, and
+/// the object ends up with every chunk, in order.
+pub async fn media_concurrent_chunk_puts<S: Store + Clone + 'static>(store: &S) {
+    const CHUNKS: u32 = 8;
+    const WRITERS: usize = 4;
+    let owner = unique("racer");
+    let (conversation, _) = create_group(store, &owner, &[], 1_000).await;
+    let object = media_object(&owner, u64::from(CHUNKS) * 4, 4, 1_000);
+    let id = object.media_id.clone();
+    assert!(matches!(
+        ok(store.create_object(&object, conversation).await),
+        CreateMedia::Created(_)
+    ));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut stored_by_me = 0;
+                let mut idx = 0;
+                while idx < CHUNKS {
+                    match store.put_chunk(chunk(&id, idx, "a")).await {
+                        Ok(PutChunk::Stored { .. }) => {
+                            stored_by_me += 1;
+                            idx += 1;
+                        }
+                        Ok(PutChunk::Unchanged { .. }) => idx += 1,
+                        Ok(PutChunk::OutOfOrder { stored }) => idx = stored,
+                        other => panic!("chunk {idx}: {other:?}"),
+                    }
+                }
+                stored_by_me
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for writer in writers {
+        total += writer.await.expect("writer panicked");
+    }
+    assert_eq!(total, CHUNKS, "each chunk is stored by exactly one writer");
+    assert_eq!(stored_chunks(store, &id).await, Some(CHUNKS));
+    for idx in 0..CHUNKS {
+        assert_eq!(
+            ok(store.get_chunk(&id, idx).await),
+            Some(chunk(&id, idx, "a"))
+        );
+    }
+}
+
+// ------------------------------------------------------------ presence
+
+/// A user's choice to hide last-seen is kept until changed; users who never
+/// chose do not hide it; answers come in the order asked.
+pub async fn presence_settings<S: Store>(store: &S) {
+    let (alice, bob, carol) = (unique("alice"), unique("bob"), unique("carol"));
+    assert_eq!(
+        ok(store
+            .hide_last_seen_many(&[alice.as_str(), bob.as_str()])
+            .await),
+        [false, false]
+    );
+    assert!(ok(store.hide_last_seen_many(&[]).await).is_empty());
+    ok(store.set_hide_last_seen(&alice, true).await);
+    ok(store.set_hide_last_seen(&carol, false).await);
+    assert_eq!(
+        ok(store
+            .hide_last_seen_many(&[bob.as_str(), alice.as_str(), carol.as_str(), alice.as_str()])
+            .await),
+        [false, true, false, true]
+    );
+    ok(store.set_hide_last_seen(&alice, true).await);
+    assert_eq!(
+        ok(store.hide_last_seen_many(&[alice.as_str()]).await),
+        [true]
+    );
+    ok(store.set_hide_last_seen(&alice, false).await);
+    ok(store.set_hide_last_seen(&bob, true).await);
+    assert_eq!(
+        ok(store
+            .hide_last_seen_many(&[alice.as_str(), bob.as_str()])
+            .await),
+        [false, true]
+    );
 }
 
 // ------------------------------------------------------------- helpers

@@ -27,9 +27,10 @@ use rusqlite::{
 };
 
 use crate::{
-    ClaimedKey, ConversationRepo, ConversationRow, DeviceKeysRow, Error, InboxRepo, InboxRow,
-    InsertMessage, KeyRepo, MemberChange, MembershipRow, MessageRepo, MessageRow, OneTimeKeyRow,
-    PutDevice, PutFallback, Result, bucket_of,
+    ClaimedKey, ConversationRepo, ConversationRow, CreateMedia, DeviceKeysRow, Error, InboxRepo,
+    InboxRow, InsertMessage, KeyRepo, MediaChunkRow, MediaObjectRow, MediaRepo, MediaUsage,
+    MemberChange, MembershipRow, MessageRepo, MessageRow, OneTimeKeyRow, PresenceSettingsRepo,
+    PutChunk, PutDevice, PutFallback, Result, StoredMedia, bucket_of,
 };
 
 /// How long a call waits for a lock held by another connection to the same
@@ -42,7 +43,7 @@ const STATEMENT_CACHE: usize = 64;
 
 /// The schema, one migration per version: a file at version `n` has had
 /// the first `n` applied. Append, never edit.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// Version 1. Tables and primary keys are those of the CQL schema (see the
 /// crate docs). Ids are stored as printed: message ids are 32 lowercase hex
@@ -152,6 +153,50 @@ CREATE TABLE to_device_dedup (
     sender_device_id TEXT NOT NULL,
     client_msg_id    TEXT NOT NULL,
     PRIMARY KEY (sender_user_id, sender_device_id, client_msg_id)
+) WITHOUT ROWID, STRICT;
+";
+
+/// Version 2: media (objects, chunks, posts) and presence settings.
+///
+/// `media_chunks` keeps a rowid (unlike the other tables): its rows hold up
+/// to a chunk of ciphertext each, and SQLite keeps large rows in rowid
+/// tables far better than in `WITHOUT ROWID` b-trees. The two indexes on
+/// `media_objects` serve quotas (an owner's objects by creation time) and
+/// the sweeper (objects by expiry).
+const SCHEMA_V2: &str = "
+CREATE TABLE media_objects (
+    media_id      TEXT    NOT NULL PRIMARY KEY,
+    owner_user_id TEXT    NOT NULL,
+    size          INTEGER NOT NULL,
+    chunk_size    INTEGER NOT NULL,
+    chunk_count   INTEGER NOT NULL,
+    sha256        BLOB    NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    complete      INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
+
+CREATE INDEX media_objects_by_owner ON media_objects (owner_user_id, created_at_ms);
+CREATE INDEX media_objects_by_expiry ON media_objects (expires_at_ms);
+
+CREATE TABLE media_chunks (
+    media_id TEXT    NOT NULL REFERENCES media_objects (media_id),
+    idx      INTEGER NOT NULL,
+    sha256   BLOB    NOT NULL,
+    data     BLOB    NOT NULL,
+    PRIMARY KEY (media_id, idx)
+) STRICT;
+
+CREATE TABLE media_posts (
+    media_id        TEXT NOT NULL REFERENCES media_objects (media_id),
+    conversation_id TEXT NOT NULL,
+    PRIMARY KEY (media_id, conversation_id)
+) WITHOUT ROWID, STRICT;
+
+CREATE TABLE presence_settings (
+    user_id        TEXT    NOT NULL PRIMARY KEY,
+    hide_last_seen INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL
 ) WITHOUT ROWID, STRICT;
 ";
 
@@ -1149,6 +1194,313 @@ impl InboxRepo for EmbeddedStore {
                 )? as u64;
             }
             Ok(removed)
+        })
+        .await
+    }
+}
+
+// --------------------------------------------------------------- media
+
+const MEDIA_COLS: &str = "media_id, owner_user_id, size, chunk_size, chunk_count, sha256, \
+                          created_at_ms, expires_at_ms, complete";
+
+fn media_row(r: &Row<'_>) -> rusqlite::Result<MediaObjectRow> {
+    Ok(MediaObjectRow {
+        media_id: r.get(0)?,
+        owner_user_id: r.get(1)?,
+        size: r.get(2)?,
+        chunk_size: r.get(3)?,
+        chunk_count: r.get(4)?,
+        sha256: r.get(5)?,
+        created_at_ms: r.get(6)?,
+        expires_at_ms: r.get(7)?,
+        complete: r.get(8)?,
+    })
+}
+
+const CHUNK_COLS: &str = "media_id, idx, sha256, data";
+
+fn chunk_row(r: &Row<'_>) -> rusqlite::Result<MediaChunkRow> {
+    Ok(MediaChunkRow {
+        media_id: r.get(0)?,
+        idx: r.get(1)?,
+        sha256: r.get(2)?,
+        data: r.get(3)?,
+    })
+}
+
+/// Chunks are stored in order without gaps, so the number stored is the
+/// highest index plus one: a lookup at the end of the key, not a count.
+fn stored_chunks(conn: &Connection, media_id: &str) -> rusqlite::Result<u32> {
+    let sql = "SELECT MAX(idx) FROM media_chunks WHERE media_id = ?1";
+    let last: Option<u32> = conn
+        .prepare_cached(sql)?
+        .query_row(params![media_id], |r| r.get(0))?;
+    Ok(last.map_or(0, |l| l.saturating_add(1)))
+}
+
+fn select_media(conn: &Connection, media_id: &str) -> rusqlite::Result<Option<StoredMedia>> {
+    let sql = format!("SELECT {MEDIA_COLS} FROM media_objects WHERE media_id = ?1");
+    let Some(object) = query_opt(conn, &sql, params![media_id], media_row)? else {
+        return Ok(None);
+    };
+    let stored_chunks = stored_chunks(conn, media_id)?;
+    Ok(Some(StoredMedia {
+        object,
+        stored_chunks,
+    }))
+}
+
+fn media_exists(conn: &Connection, media_id: &str) -> rusqlite::Result<bool> {
+    let sql = "SELECT 1 FROM media_objects WHERE media_id = ?1";
+    Ok(query_opt(conn, sql, params![media_id], |_| Ok(()))?.is_some())
+}
+
+fn insert_post(conn: &Connection, media_id: &str, conversation: &str) -> rusqlite::Result<()> {
+    exec(
+        conn,
+        "INSERT OR IGNORE INTO media_posts (media_id, conversation_id) VALUES (?1, ?2)",
+        params![media_id, conversation],
+    )?;
+    Ok(())
+}
+
+/// Deletes an object with its chunks and posts; true if it existed.
+fn delete_media(conn: &Connection, media_id: &str) -> rusqlite::Result<bool> {
+    exec(
+        conn,
+        "DELETE FROM media_chunks WHERE media_id = ?1",
+        params![media_id],
+    )?;
+    exec(
+        conn,
+        "DELETE FROM media_posts WHERE media_id = ?1",
+        params![media_id],
+    )?;
+    let deleted = exec(
+        conn,
+        "DELETE FROM media_objects WHERE media_id = ?1",
+        params![media_id],
+    )?;
+    Ok(deleted > 0)
+}
+
+#[async_trait]
+impl MediaRepo for EmbeddedStore {
+    async fn create_object(
+        &self,
+        row: &MediaObjectRow,
+        conversation: ConversationId,
+    ) -> Result<CreateMedia> {
+        let row = row.clone();
+        self.write("media_objects", move |tx| {
+            let conversation = conversation.to_string();
+            if let Some(stored) = select_media(tx, &row.media_id)? {
+                if !stored.object.same_upload(&row) {
+                    return Ok(CreateMedia::Conflict);
+                }
+                insert_post(tx, &row.media_id, &conversation)?;
+                return Ok(CreateMedia::Existing(stored));
+            }
+            let sql = format!(
+                "INSERT INTO media_objects ({MEDIA_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            );
+            exec(
+                tx,
+                &sql,
+                params![
+                    row.media_id,
+                    row.owner_user_id,
+                    row.size,
+                    row.chunk_size,
+                    row.chunk_count,
+                    row.sha256,
+                    row.created_at_ms,
+                    row.expires_at_ms,
+                    row.complete
+                ],
+            )?;
+            insert_post(tx, &row.media_id, &conversation)?;
+            Ok(CreateMedia::Created(StoredMedia {
+                object: row,
+                stored_chunks: 0,
+            }))
+        })
+        .await
+    }
+
+    async fn get_object(&self, media_id: &str) -> Result<Option<StoredMedia>> {
+        let media_id = media_id.to_owned();
+        self.read("media_objects", move |tx| Ok(select_media(tx, &media_id)?))
+            .await
+    }
+
+    async fn put_chunk(&self, chunk: MediaChunkRow) -> Result<PutChunk> {
+        self.write("media_chunks", move |tx| {
+            let sql = "SELECT chunk_count FROM media_objects WHERE media_id = ?1";
+            let Some(chunk_count) =
+                query_opt(tx, sql, params![chunk.media_id], |r| r.get::<_, u32>(0))?
+            else {
+                return Ok(PutChunk::UnknownObject);
+            };
+            let stored = stored_chunks(tx, &chunk.media_id)?;
+            if chunk.idx < stored {
+                let sql = "SELECT sha256 FROM media_chunks WHERE media_id = ?1 AND idx = ?2";
+                let hash: Option<Vec<u8>> =
+                    query_opt(tx, sql, params![chunk.media_id, chunk.idx], |r| r.get(0))?;
+                return Ok(match hash {
+                    Some(hash) if hash == chunk.sha256 => PutChunk::Unchanged { stored },
+                    Some(_) => PutChunk::Conflict { stored },
+                    None => {
+                        return Err(Error::Corrupt {
+                            table: "media_chunks",
+                            detail: format!(
+                                "chunk {} of {} is missing below {stored} stored",
+                                chunk.idx, chunk.media_id
+                            ),
+                        }
+                        .into());
+                    }
+                });
+            }
+            if chunk.idx != stored || chunk.idx >= chunk_count {
+                return Ok(PutChunk::OutOfOrder { stored });
+            }
+            let sql = format!("INSERT INTO media_chunks ({CHUNK_COLS}) VALUES (?1, ?2, ?3, ?4)");
+            exec(
+                tx,
+                &sql,
+                params![chunk.media_id, chunk.idx, chunk.sha256, chunk.data],
+            )?;
+            Ok(PutChunk::Stored { stored: stored + 1 })
+        })
+        .await
+    }
+
+    async fn get_chunk(&self, media_id: &str, idx: u32) -> Result<Option<MediaChunkRow>> {
+        let media_id = media_id.to_owned();
+        self.read("media_chunks", move |tx| {
+            let sql =
+                format!("SELECT {CHUNK_COLS} FROM media_chunks WHERE media_id = ?1 AND idx = ?2");
+            Ok(query_opt(tx, &sql, params![media_id, idx], chunk_row)?)
+        })
+        .await
+    }
+
+    async fn mark_complete(&self, media_id: &str) -> Result<bool> {
+        let media_id = media_id.to_owned();
+        self.write("media_objects", move |tx| {
+            let Some(stored) = select_media(tx, &media_id)? else {
+                return Ok(false);
+            };
+            if stored.stored_chunks < stored.object.chunk_count {
+                return Ok(false);
+            }
+            exec(
+                tx,
+                "UPDATE media_objects SET complete = 1 WHERE media_id = ?1",
+                params![media_id],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn add_post(&self, media_id: &str, conversation: ConversationId) -> Result<bool> {
+        let media_id = media_id.to_owned();
+        self.write("media_posts", move |tx| {
+            if !media_exists(tx, &media_id)? {
+                return Ok(false);
+            }
+            insert_post(tx, &media_id, &conversation.to_string())?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn posts(&self, media_id: &str) -> Result<Vec<ConversationId>> {
+        let media_id = media_id.to_owned();
+        self.read("media_posts", move |tx| {
+            let sql = "SELECT conversation_id FROM media_posts WHERE media_id = ?1 \
+                       ORDER BY conversation_id";
+            Ok(query_all(tx, sql, params![media_id], |r| {
+                id_col(r, 0, ConversationId::parse)
+            })?)
+        })
+        .await
+    }
+
+    async fn usage_since(&self, owner_user_id: &str, since_ms: i64) -> Result<Vec<MediaUsage>> {
+        let owner = owner_user_id.to_owned();
+        self.read("media_objects", move |tx| {
+            let sql = "SELECT media_id, created_at_ms, size FROM media_objects \
+                       WHERE owner_user_id = ?1 AND created_at_ms >= ?2 \
+                       ORDER BY created_at_ms, media_id";
+            Ok(query_all(tx, sql, params![owner, since_ms], |r| {
+                Ok(MediaUsage {
+                    media_id: r.get(0)?,
+                    created_at_ms: r.get(1)?,
+                    size: r.get(2)?,
+                })
+            })?)
+        })
+        .await
+    }
+
+    async fn delete_expired(&self, now_ms: i64, limit: usize) -> Result<u64> {
+        self.write("media_objects", move |tx| {
+            let sql = "SELECT media_id FROM media_objects WHERE expires_at_ms <= ?1 \
+                       ORDER BY expires_at_ms, media_id LIMIT ?2";
+            let expired: Vec<String> =
+                query_all(tx, sql, params![now_ms, sql_limit(limit)], |r| r.get(0))?;
+            let mut deleted = 0;
+            for media_id in expired {
+                if delete_media(tx, &media_id)? {
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn delete_object(&self, media_id: &str) -> Result<bool> {
+        let media_id = media_id.to_owned();
+        self.write("media_objects", move |tx| Ok(delete_media(tx, &media_id)?))
+            .await
+    }
+}
+
+// ------------------------------------------------------------ presence
+
+#[async_trait]
+impl PresenceSettingsRepo for EmbeddedStore {
+    async fn set_hide_last_seen(&self, user_id: &str, hide: bool) -> Result<()> {
+        let user = user_id.to_owned();
+        let now = chappe_proto::ids::unix_ms();
+        self.write("presence_settings", move |tx| {
+            exec(
+                tx,
+                "INSERT INTO presence_settings (user_id, hide_last_seen, updated_at_ms) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (user_id) DO UPDATE SET \
+                 hide_last_seen = excluded.hide_last_seen, updated_at_ms = excluded.updated_at_ms",
+                params![user, hide, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn hide_last_seen_many(&self, user_ids: &[&str]) -> Result<Vec<bool>> {
+        let users: Vec<String> = user_ids.iter().map(|u| (*u).to_owned()).collect();
+        self.read("presence_settings", move |tx| {
+            let sql = "SELECT hide_last_seen FROM presence_settings WHERE user_id = ?1";
+            let mut hidden = Vec::with_capacity(users.len());
+            for user in &users {
+                let hide: Option<bool> = query_opt(tx, sql, params![user], |r| r.get(0))?;
+                hidden.push(hide.unwrap_or(false));
+            }
+            Ok(hidden)
         })
         .await
     }

@@ -2,7 +2,8 @@
 //!
 //! - the row types and repository traits below are the logical data model,
 //!   one table family per owning service: [`KeyRepo`] (keydir),
-//!   [`ConversationRepo`], [`MessageRepo`] and [`InboxRepo`] (fanout);
+//!   [`ConversationRepo`], [`MessageRepo`] and [`InboxRepo`] (fanout),
+//!   [`MediaRepo`] (media), [`PresenceSettingsRepo`] (presence);
 //! - [`embedded::EmbeddedStore`] implements every repository on SQLite
 //!   (WAL, `synchronous=FULL`, one transaction per operation); the ScyllaDB
 //!   store implements the same traits over the same tables and keys;
@@ -23,6 +24,17 @@
 //! | `message_dedup` | `((conversation_id, sender_user_id, sender_device_id, client_msg_id))` | fanout |
 //! | `device_inbox` | `((user_id, device_id), inbox_id)` | fanout |
 //! | `to_device_dedup` | `((sender_user_id, sender_device_id, client_msg_id))` | fanout |
+//! | `media_objects` | `(media_id)` | media |
+//! | `media_chunks` | `((media_id), idx)` | media |
+//! | `media_posts` | `((media_id), conversation_id)` | media |
+//! | `presence_settings` | `(user_id)` | presence |
+//!
+//! `media_objects` is also read by owner and creation time (quotas) and by
+//! expiry (the sweeper): SQLite indexes it on `(owner_user_id,
+//! created_at_ms)` and `(expires_at_ms)`; the CQL store keeps the same
+//! lookups as tables of its own, written in the same batch as the object.
+//! A chunk's ciphertext lives in its own row (at most one chunk, a few
+//! hundred KiB), so no call ever holds a whole object in memory.
 //!
 //! *Architecture invariant*: a repository call either happens whole or not
 //! at all, and returns only after the data is durable. Callers acknowledge
@@ -308,7 +320,163 @@ pub trait InboxRepo: Send + Sync {
     async fn delete_inbox(&self, user_id: &str, device_id: &str, ids: &[MessageId]) -> Result<u64>;
 }
 
-/// Every repository at once: what a process that runs all services holds.
-pub trait Store: KeyRepo + ConversationRepo + MessageRepo + InboxRepo {}
+// ----------------------------------------------------------------- media
 
-impl<T: KeyRepo + ConversationRepo + MessageRepo + InboxRepo> Store for T {}
+/// One media object: what an upload declared when it began, and whether it
+/// is complete. Its ciphertext is in [`MediaChunkRow`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaObjectRow {
+    /// 32 lowercase hex digits, chosen by the uploading client.
+    pub media_id: String,
+    pub owner_user_id: String,
+    /// Total bytes of ciphertext.
+    pub size: u64,
+    /// Bytes of every chunk but the last, which holds the rest.
+    pub chunk_size: u32,
+    pub chunk_count: u32,
+    /// SHA-256 of the whole ciphertext.
+    pub sha256: Vec<u8>,
+    pub created_at_ms: i64,
+    /// When the object and its chunks are deleted.
+    pub expires_at_ms: i64,
+    /// Every chunk is stored and the whole hash matched.
+    pub complete: bool,
+}
+
+impl MediaObjectRow {
+    /// Whether `other` declares the same upload: same id, owner, size,
+    /// chunking and hash (times and completion aside). A begin that does is
+    /// a resumption of this one.
+    pub fn same_upload(&self, other: &MediaObjectRow) -> bool {
+        self.media_id == other.media_id
+            && self.owner_user_id == other.owner_user_id
+            && self.size == other.size
+            && self.chunk_size == other.chunk_size
+            && self.chunk_count == other.chunk_count
+            && self.sha256 == other.sha256
+    }
+}
+
+/// A media object and how far its upload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMedia {
+    pub object: MediaObjectRow,
+    /// Chunks `0..stored_chunks` are stored (chunks are stored in order,
+    /// so there is never a gap).
+    pub stored_chunks: u32,
+}
+
+/// What [`MediaRepo::create_object`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateMedia {
+    /// A new object, with no chunk yet.
+    Created(StoredMedia),
+    /// The same upload was stored already (see
+    /// [`MediaObjectRow::same_upload`]); here it is as stored.
+    Existing(StoredMedia),
+    /// The id is taken by another owner or another upload; nothing was
+    /// written.
+    Conflict,
+}
+
+/// One chunk of a media object's ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaChunkRow {
+    pub media_id: String,
+    /// From 0.
+    pub idx: u32,
+    /// SHA-256 of `data`.
+    pub sha256: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+/// What [`MediaRepo::put_chunk`] did. `stored` is the number of chunks
+/// stored after the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutChunk {
+    /// The chunk was the next one and is stored now.
+    Stored { stored: u32 },
+    /// The chunk was stored already with the same hash; nothing written.
+    Unchanged { stored: u32 },
+    /// The chunk was stored already with another hash; nothing written.
+    Conflict { stored: u32 },
+    /// The index is neither stored nor the next one (`stored`), or it is
+    /// past the object's last chunk; nothing written.
+    OutOfOrder { stored: u32 },
+    /// No object has this id; nothing written.
+    UnknownObject,
+}
+
+/// One object of an owner, for quotas: [`MediaRepo::usage_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaUsage {
+    pub media_id: String,
+    pub created_at_ms: i64,
+    pub size: u64,
+}
+
+/// The media service's tables: objects, their chunks, and the
+/// conversations each was posted in.
+#[async_trait]
+pub trait MediaRepo: Send + Sync {
+    /// Creates the object, with no chunk, and records that it was posted
+    /// in `conversation`. When the id is stored already: the same upload
+    /// ([`MediaObjectRow::same_upload`]) is `Existing` (its post in
+    /// `conversation` recorded too, its times and chunks unchanged);
+    /// anything else is `Conflict` and writes nothing.
+    async fn create_object(
+        &self,
+        row: &MediaObjectRow,
+        conversation: ConversationId,
+    ) -> Result<CreateMedia>;
+    /// The object and how many of its chunks are stored.
+    async fn get_object(&self, media_id: &str) -> Result<Option<StoredMedia>>;
+    /// Stores a chunk if its index is the next one (the number of chunks
+    /// stored) and within the object; see [`PutChunk`] for the rest.
+    async fn put_chunk(&self, chunk: MediaChunkRow) -> Result<PutChunk>;
+    /// One chunk, as stored.
+    async fn get_chunk(&self, media_id: &str, idx: u32) -> Result<Option<MediaChunkRow>>;
+    /// Marks the object complete. False, writing nothing, when there is no
+    /// such object or some of its chunks are missing.
+    async fn mark_complete(&self, media_id: &str) -> Result<bool>;
+    /// Records that the object was posted in `conversation` (again is a
+    /// no-op). False, writing nothing, when there is no such object.
+    async fn add_post(&self, media_id: &str, conversation: ConversationId) -> Result<bool>;
+    /// The conversations the object was posted in, ordered by id.
+    async fn posts(&self, media_id: &str) -> Result<Vec<ConversationId>>;
+    /// The objects `owner_user_id` created at or after `since_ms`, oldest
+    /// first (ties by media id): their sizes add up to the owner's use of a
+    /// quota window, and their times say when that use rolls out of it.
+    async fn usage_since(&self, owner_user_id: &str, since_ms: i64) -> Result<Vec<MediaUsage>>;
+    /// Deletes up to `limit` objects whose `expires_at_ms <= now_ms`, each
+    /// with its chunks and posts, soonest expired first. Returns how many
+    /// were deleted (fewer than `limit`: none is left).
+    async fn delete_expired(&self, now_ms: i64, limit: usize) -> Result<u64>;
+    /// Deletes one object with its chunks and posts. False when there was
+    /// no such object.
+    async fn delete_object(&self, media_id: &str) -> Result<bool>;
+}
+
+// -------------------------------------------------------------- presence
+
+/// presence's durable per-user settings.
+#[async_trait]
+pub trait PresenceSettingsRepo: Send + Sync {
+    /// Sets whether others may see `user_id`'s last-seen time (and stamps
+    /// the change with the store's clock).
+    async fn set_hide_last_seen(&self, user_id: &str, hide: bool) -> Result<()>;
+    /// For each of `user_ids`, in order, whether they hide their last-seen
+    /// time; false for users who never set it.
+    async fn hide_last_seen_many(&self, user_ids: &[&str]) -> Result<Vec<bool>>;
+}
+
+/// Every repository at once: what a process that runs all services holds.
+pub trait Store:
+    KeyRepo + ConversationRepo + MessageRepo + InboxRepo + MediaRepo + PresenceSettingsRepo
+{
+}
+
+impl<T> Store for T where
+    T: KeyRepo + ConversationRepo + MessageRepo + InboxRepo + MediaRepo + PresenceSettingsRepo
+{
+}

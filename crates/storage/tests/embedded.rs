@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use chappe_proto::ids::{ConversationId, MessageId, MessageIdGenerator};
 use chappe_storage::{
-    ConversationRepo, ConversationRow, DeviceKeysRow, EmbeddedStore, Error, InboxRepo, InboxRow,
-    InsertMessage, KeyRepo, MemberChange, MembershipRow, MessageRepo, MessageRow, OneTimeKeyRow,
-    PutDevice, PutFallback, conformance,
+    ConversationRepo, ConversationRow, CreateMedia, DeviceKeysRow, EmbeddedStore, Error, InboxRepo,
+    InboxRow, InsertMessage, KeyRepo, MediaChunkRow, MediaObjectRow, MediaRepo, MemberChange,
+    MembershipRow, MessageRepo, MessageRow, OneTimeKeyRow, PresenceSettingsRepo, PutChunk,
+    PutDevice, PutFallback, StoredMedia, conformance,
 };
 use tempfile::TempDir;
 
@@ -174,6 +175,95 @@ async fn data_survives_reopening() {
         store.inbox("bob", "LAPTOP", 10).await.expect("inbox"),
         [to_device]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn media_and_presence_settings_survive_reopening() {
+    let (_dir, path) = temp_db();
+    let conversation = ConversationId::random();
+    let object = MediaObjectRow {
+        media_id: "0123456789abcdef0123456789abcdef".into(),
+        owner_user_id: "alice".into(),
+        size: 300_000,
+        chunk_size: 256 * 1024,
+        chunk_count: 2,
+        sha256: vec![7; 32],
+        created_at_ms: 1_000,
+        expires_at_ms: 2_000,
+        complete: false,
+    };
+    // Chunks of real size: a full one and the rest.
+    let chunks: Vec<_> = [256 * 1024, 300_000 - 256 * 1024]
+        .into_iter()
+        .enumerate()
+        .map(|(idx, len)| MediaChunkRow {
+            media_id: object.media_id.clone(),
+            idx: idx as u32,
+            sha256: vec![idx as u8; 32],
+            data: vec![idx as u8 + 1; len],
+        })
+        .collect();
+    {
+        let store = EmbeddedStore::open(&path).expect("open");
+        let created = store.create_object(&object, conversation).await;
+        assert!(
+            matches!(created, Ok(CreateMedia::Created(_))),
+            "{created:?}"
+        );
+        for (i, chunk) in chunks.iter().enumerate() {
+            let put = store.put_chunk(chunk.clone()).await.expect("put_chunk");
+            assert_eq!(
+                put,
+                PutChunk::Stored {
+                    stored: i as u32 + 1
+                }
+            );
+        }
+        assert!(
+            store
+                .mark_complete(&object.media_id)
+                .await
+                .expect("complete")
+        );
+        store
+            .set_hide_last_seen("alice", true)
+            .await
+            .expect("set_hide_last_seen");
+    }
+
+    let store = EmbeddedStore::open(&path).expect("reopen");
+    let stored = store
+        .get_object(&object.media_id)
+        .await
+        .expect("get_object")
+        .expect("the object");
+    assert_eq!(
+        stored,
+        StoredMedia {
+            object: MediaObjectRow {
+                complete: true,
+                ..object.clone()
+            },
+            stored_chunks: 2,
+        }
+    );
+    for chunk in &chunks {
+        let read = store.get_chunk(&object.media_id, chunk.idx).await;
+        assert_eq!(read.expect("get_chunk").as_ref(), Some(chunk));
+    }
+    assert_eq!(
+        store.posts(&object.media_id).await.expect("posts"),
+        [conversation]
+    );
+    assert_eq!(
+        store
+            .hide_last_seen_many(&["alice", "bob"])
+            .await
+            .expect("hide_last_seen_many"),
+        [true, false]
+    );
+    assert_eq!(store.delete_expired(2_000, 10).await.expect("sweep"), 1);
+    assert_eq!(store.get_object(&object.media_id).await.expect("get"), None);
 }
 
 #[test]

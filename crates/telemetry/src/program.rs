@@ -83,7 +83,8 @@ pub struct ServiceArgs {
     pub log_format: LogFormat,
     /// Address of the operations HTTP server: `/metrics` (Prometheus),
     /// `/healthz`, `/readyz`. Default: 127.0.0.1 and the service's own port
-    /// (gateway 9471, fanout 9472, keydir 9473; `chappe up` 9470), or a
+    /// (gateway 9471, fanout 9472, keydir 9473, presence 9474, media 9475;
+    /// `chappe up` 9470), or a
     /// free port when that one is taken; a cluster sets 0.0.0.0:PORT for its
     /// scraper. The address in use is printed as `chappe-<service> metrics
     /// on http://ADDR` before the ready line.
@@ -102,6 +103,8 @@ pub mod ports {
     pub const GATEWAY: u16 = 9471;
     pub const FANOUT: u16 = 9472;
     pub const KEYDIR: u16 = 9473;
+    pub const PRESENCE: u16 = 9474;
+    pub const MEDIA: u16 = 9475;
 }
 
 /// Prints one line on stdout for whoever started the process (the ready

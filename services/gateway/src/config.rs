@@ -32,6 +32,16 @@ pub struct GatewayConfig {
     pub keepalive_timeout: Duration,
     /// How long shutdown waits for streams to finish (default 10 s).
     pub drain_grace: Duration,
+    /// How often each connected device's presence is confirmed to the
+    /// presence service (default 20 s; must stay well below presence's ttl,
+    /// 60 s by default, so that one lost heartbeat does not make a user
+    /// offline).
+    pub presence_heartbeat: Duration,
+    /// Largest media chunk frame a client may send on `Media.Upload`, in
+    /// bytes (default 512 KiB: the media service's largest chunk, 256 KiB,
+    /// and room to spare). A bigger frame ends the upload with
+    /// RESOURCE_EXHAUSTED.
+    pub max_media_frame_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +60,8 @@ impl Default for GatewayConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(10),
+            presence_heartbeat: Duration::from_secs(20),
+            max_media_frame_bytes: 512 * 1024,
         }
     }
 }

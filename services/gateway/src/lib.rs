@@ -9,6 +9,8 @@
 //!   subscription (`chappe.deliver.u.<user>`) held while a user has one;
 //! - [`service`]: the `Gateway` service: unary RPCs forwarded to keydir and
 //!   fanout over the bus, and the `Connect` stream;
+//! - [`media`]: the `Media` service: encrypted attachment chunks streamed
+//!   to and from the media service over the bus, a chunk at a time;
 //! - [`limits`]: per-device rate limits;
 //! - [`readiness`]: the checks behind `/readyz`.
 //!
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod connections;
 pub mod limits;
+pub mod media;
 pub mod service;
 
 use std::future::Future;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use chappe_bus::{Bus, Subjects};
 use chappe_proto::v1::auth_server::AuthServer;
 use chappe_proto::v1::gateway_server::GatewayServer;
+use chappe_proto::v1::media_server::MediaServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
@@ -108,8 +112,19 @@ impl Gateway {
         reporter
             .set_serving::<AuthServer<service::AuthService>>()
             .await;
+        reporter
+            .set_serving::<MediaServer<media::MediaService>>()
+            .await;
 
         let connections = self.service.connections();
+        let keys = self.session_keys.clone();
+        let media_frame = self.config.max_media_frame_bytes;
+        let media = InterceptedService::new(
+            MediaServer::new(self.service.media())
+                .max_decoding_message_size(media_frame)
+                .max_encoding_message_size(media_frame),
+            move |req| auth::authenticate(&keys, req),
+        );
         let keys = self.session_keys.clone();
         let gateway = InterceptedService::new(
             GatewayServer::new(self.service).max_decoding_message_size(self.config.max_frame_bytes),
@@ -125,6 +140,7 @@ impl Gateway {
             .add_service(health)
             .add_service(auth)
             .add_service(gateway)
+            .add_service(media)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.await;
                 tracing::info!("gateway draining");

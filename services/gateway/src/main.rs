@@ -44,6 +44,13 @@ struct Args {
     /// included; past it the client gets DEADLINE_EXCEEDED or UNAVAILABLE.
     #[arg(long, env = "CHAPPE_RPC_TIMEOUT_MS", default_value_t = GatewayConfig::default().rpc_timeout.as_millis() as u64)]
     rpc_timeout_ms: u64,
+    /// Milliseconds between two presence heartbeats of a connected device
+    /// (keep it well below the presence service's ttl).
+    #[arg(long, env = "CHAPPE_PRESENCE_HEARTBEAT_MS", default_value_t = GatewayConfig::default().presence_heartbeat.as_millis() as u64)]
+    presence_heartbeat_ms: u64,
+    /// Largest frame of a media upload, in bytes.
+    #[arg(long, env = "CHAPPE_MAX_MEDIA_FRAME_BYTES", default_value_t = GatewayConfig::default().max_media_frame_bytes)]
+    max_media_frame_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +64,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         send_rate_per_second: args.send_rate,
         send_burst: args.send_burst,
         rpc_timeout: std::time::Duration::from_millis(args.rpc_timeout_ms),
+        presence_heartbeat: std::time::Duration::from_millis(args.presence_heartbeat_ms.max(1)),
+        max_media_frame_bytes: args.max_media_frame_bytes,
         ..GatewayConfig::default()
     };
     let keys = SessionKeys::load(&args.session_key_file).with_context(|| {

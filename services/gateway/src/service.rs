@@ -21,6 +21,7 @@ use chappe_bus::subjects::{FanoutMethod, KeydirMethod, PresenceMethod};
 use chappe_bus::{Bus, Headers, RpcError, Subjects, rpc};
 use chappe_proto::ids::DeviceId;
 use chappe_proto::internal as wire;
+use chappe_proto::internal::presence_connection::Kind;
 use chappe_proto::v1::{self, ClientFrame, FrameError, ServerFrame, client_frame, server_frame};
 use chappe_telemetry::metrics::{self, MethodCodeLabels, MethodLabels};
 use chappe_telemetry::otel;
@@ -40,12 +41,12 @@ use crate::limits::Limits;
 /// How often rate-limit tables are swept.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
-struct Inner {
-    config: GatewayConfig,
+pub(crate) struct Inner {
+    pub(crate) config: GatewayConfig,
     bus: Arc<dyn Bus>,
-    subjects: Subjects,
+    pub(crate) subjects: Subjects,
     connections: Arc<Connections>,
-    limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 /// The `Gateway` service.
@@ -84,10 +85,19 @@ impl GatewayService {
     pub fn connections(&self) -> Arc<Connections> {
         self.0.connections.clone()
     }
+
+    /// The `Media` service, sharing this one's limits and bus.
+    pub fn media(&self) -> crate::media::MediaService {
+        crate::media::MediaService::new(self.0.clone())
+    }
 }
 
 impl Inner {
-    async fn call<Req, Resp>(&self, subject: String, request: &Req) -> Result<Resp, RpcError>
+    pub(crate) async fn call<Req, Resp>(
+        &self,
+        subject: String,
+        request: &Req,
+    ) -> Result<Resp, RpcError>
     where
         Req: prost::Message,
         Resp: prost::Message + Default,
@@ -97,7 +107,7 @@ impl Inner {
 
     /// Forwards a unary call after the caller's rate limit, in a span that
     /// continues the caller's trace (`parent`, from its metadata).
-    async fn unary<Req, Resp>(
+    pub(crate) async fn unary<Req, Resp>(
         &self,
         method: &'static str,
         parent: &Headers,
@@ -242,16 +252,30 @@ impl Inner {
         mut inbound: Streaming<ClientFrame>,
         tx: mpsc::Sender<Result<ServerFrame, Status>>,
         cancel: CancellationToken,
+        presence: &PresenceReporter,
     ) {
         let permits = Arc::new(Semaphore::new(self.config.max_pending_frames.max(1)));
         let mut in_flight = JoinSet::new();
+        let mut heartbeat = tokio::time::interval(self.config.presence_heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.reset();
+        // Whether the device did something (not a mere ping) since the last
+        // heartbeat: what "away" is computed from.
+        let mut active = false;
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    presence.report(Kind::Heartbeat, std::mem::take(&mut active));
+                    continue;
+                }
                 next = inbound.message() => next,
             };
             let frame = match next {
-                Ok(Some(frame)) => frame,
+                Ok(Some(frame)) => {
+                    active |= !matches!(frame.body, Some(client_frame::Body::Ping(_)) | None);
+                    frame
+                }
                 Ok(None) => break,
                 Err(status) => {
                     let status = self.stream_error(status);
@@ -296,8 +320,45 @@ impl Inner {
     }
 }
 
+/// Reports one Connect stream's connection, heartbeats and end to the
+/// presence service, each in a task of its own so the stream never waits
+/// for presence. A lost report is repaired by the next heartbeat.
+struct PresenceReporter {
+    inner: Arc<Inner>,
+    actor: v1::DeviceRef,
+    /// Random per stream: see `PresenceConnection.connection_id`.
+    connection_id: u64,
+}
+
+impl PresenceReporter {
+    fn new(inner: Arc<Inner>, identity: &Identity) -> Self {
+        Self {
+            inner,
+            actor: identity.to_wire(),
+            connection_id: rand::random(),
+        }
+    }
+
+    fn report(&self, kind: Kind, active: bool) {
+        let inner = self.inner.clone();
+        let request = wire::PresenceConnection {
+            actor: Some(self.actor.clone()),
+            kind: kind as i32,
+            active,
+            connection_id: self.connection_id,
+        };
+        tokio::spawn(async move {
+            let subject = inner.subjects.presence(PresenceMethod::Connection);
+            let result: Result<wire::PresenceAck, RpcError> = inner.call(subject, &request).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, kind = ?kind, "presence report lost");
+            }
+        });
+    }
+}
+
 /// The span of one public request.
-fn request_span(method: &'static str, identity: &Identity) -> tracing::Span {
+pub(crate) fn request_span(method: &'static str, identity: &Identity) -> tracing::Span {
     tracing::info_span!(
         "gateway.request",
         otel.name = method,
@@ -327,7 +388,7 @@ fn frame_span(
 }
 
 /// Counts and times one public request.
-fn observe(span: &tracing::Span, method: &'static str, code: Code, started: Instant) {
+pub(crate) fn observe(span: &tracing::Span, method: &'static str, code: Code, started: Instant) {
     span.record("rpc.grpc.status_code", code as i32);
     let m = metrics::metrics();
     m.gateway_duration
@@ -358,7 +419,7 @@ fn frame_method(body: Option<&client_frame::Body>) -> &'static str {
 }
 
 /// The W3C trace context a caller put in its gRPC metadata.
-fn trace_headers(metadata: &MetadataMap) -> Headers {
+pub(crate) fn trace_headers(metadata: &MetadataMap) -> Headers {
     otel::TRACE_HEADERS
         .iter()
         .filter_map(|name| {
@@ -391,10 +452,15 @@ impl v1::gateway_server::Gateway for GatewayService {
         let registration = registered?;
         tracing::info!(user = %identity.user, device = %identity.device, "device connected");
         let inner = self.0.clone();
+        let presence = PresenceReporter::new(inner.clone(), &identity);
+        presence.report(Kind::Connected, false);
         tokio::spawn(async move {
             let who = (identity.user.clone(), identity.device.clone());
-            inner.serve_stream(identity, inbound, tx, cancel).await;
+            inner
+                .serve_stream(identity, inbound, tx, cancel, &presence)
+                .await;
             drop(registration);
+            presence.report(Kind::Disconnected, false);
             tracing::info!(user = %who.0, device = %who.1, "device disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))

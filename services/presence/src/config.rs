@@ -22,6 +22,17 @@ pub struct PresenceConfig {
     pub max_query_users: usize,
     /// Requests each method handles at once. Default: 256.
     pub max_in_flight: usize,
+    /// How often each presence instance looks for users whose devices all
+    /// expired (their gateway died without a word) and tells their contacts
+    /// they went offline. Such a user is shown offline at most `ttl` after
+    /// their last heartbeat, and the push follows within this. Default: 5 s.
+    pub sweep_interval: Duration,
+    /// How long a typing indicator is shown without a newer one (receivers
+    /// are told this with each event). Default: 6 s.
+    pub typing_timeout: Duration,
+    /// How long a question to fanout (who shares a conversation with whom)
+    /// may take. Default: 5 s.
+    pub fanout_timeout: Duration,
 }
 
 impl Default for PresenceConfig {
@@ -32,6 +43,9 @@ impl Default for PresenceConfig {
             heartbeat_interval: Duration::from_secs(20),
             max_query_users: 500,
             max_in_flight: 256,
+            sweep_interval: Duration::from_secs(5),
+            typing_timeout: Duration::from_secs(6),
+            fanout_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -55,6 +69,13 @@ pub enum ConfigError {
 }
 
 impl PresenceConfig {
+    /// How long the store keeps a record after its last write: twice the
+    /// ttl, so that the sweeper still finds the record of a user whose
+    /// devices expired and can announce them offline.
+    pub fn record_ttl(&self) -> Duration {
+        self.ttl.saturating_mul(2)
+    }
+
     /// Checks that the settings can work together: a positive ttl and
     /// heartbeat interval, and heartbeats more frequent than the ttl.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -75,6 +96,15 @@ impl PresenceConfig {
         }
         if self.max_in_flight == 0 {
             return Err(ConfigError::ZeroLimit("max_in_flight"));
+        }
+        for (name, value) in [
+            ("sweep_interval", self.sweep_interval),
+            ("typing_timeout", self.typing_timeout),
+            ("fanout_timeout", self.fanout_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroLimit(name));
+            }
         }
         Ok(())
     }

@@ -27,9 +27,17 @@ pub enum Error {
     /// The presence store failed.
     #[error(transparent)]
     Presence(#[from] StoreError),
-    /// The conversation store (who may see whom) failed.
+    /// The settings store failed.
     #[error(transparent)]
-    Conversations(#[from] chappe_storage::Error),
+    Settings(#[from] chappe_storage::Error),
+    /// fanout (who shares a conversation with whom) failed or did not
+    /// answer in time.
+    #[error("fanout: {0}")]
+    Fanout(RpcError),
+    /// Typing in a conversation the user is not a member of (or that does
+    /// not exist: the two are not told apart).
+    #[error("not a member of conversation {0}")]
+    NotMember(String),
 }
 
 impl Error {
@@ -60,12 +68,20 @@ impl From<Error> for RpcError {
             Error::Presence(StoreError::Corrupt { .. }) => {
                 RpcError::internal("the presence store failed on this request")
             }
-            Error::Conversations(Store::Unavailable(_)) => {
-                RpcError::unavailable("the conversation store is unavailable; try again")
+            Error::Settings(Store::Unavailable(_)) => {
+                RpcError::unavailable("the settings store is unavailable; try again")
             }
-            Error::Conversations(Store::Corrupt { .. } | Store::Conflict(_)) => {
-                RpcError::internal("the conversation store failed on this request")
+            Error::Settings(Store::Corrupt { .. } | Store::Conflict(_)) => {
+                RpcError::internal("the settings store failed on this request")
             }
+            Error::Fanout(e) => match e.code {
+                // fanout refused what presence asked: presence's own bug.
+                Code::InvalidArgument | Code::PermissionDenied | Code::NotFound => {
+                    RpcError::internal("presence asked fanout a malformed question")
+                }
+                _ => RpcError::unavailable("cannot tell who shares a conversation; try again"),
+            },
+            Error::NotMember(_) => RpcError::new(Code::PermissionDenied, message),
         }
     }
 }
@@ -105,11 +121,15 @@ mod tests {
         }));
         assert_eq!(e.code, Code::Internal);
         assert!(!e.message.contains("secret"));
-        let e = RpcError::from(Error::Conversations(chappe_storage::Error::Unavailable(
+        let e = RpcError::from(Error::Settings(chappe_storage::Error::Unavailable(
             "down".into(),
         )));
         assert_eq!(e.code, Code::Unavailable);
-        let e = RpcError::from(Error::Conversations(chappe_storage::Error::Corrupt {
+        let e = RpcError::from(Error::Fanout(RpcError::unavailable("no responders")));
+        assert_eq!(e.code, Code::Unavailable);
+        let e = RpcError::from(Error::NotMember("c".into()));
+        assert_eq!(e.code, Code::PermissionDenied);
+        let e = RpcError::from(Error::Settings(chappe_storage::Error::Corrupt {
             table: "members",
             detail: "secret detail".into(),
         }));

@@ -18,33 +18,31 @@
 //!   counts them gone after the ttl) and their records leave the store;
 //! - [`service`]: the bus routes `chappe.rpc.presence.connection` (a
 //!   device's connection, heartbeat or disconnection, from its gateway,
-//!   applied with [`PresenceStore::update`]) and `chappe.rpc.presence.query`
-//!   (a batch of users' presence, at most `max_query_users`); a change of
+//!   applied with [`PresenceStore::update`]), `.query` (a batch of users'
+//!   presence, at most `max_query_users`), `.typing` (relayed to the
+//!   conversation's other members, never stored) and `.settings` (hide
+//!   last-seen, kept durably in the `presence_settings` table); a change of
 //!   the state a user is shown in is pushed as `UserDelivery.presence_changed`
 //!   on `chappe.deliver.u.<contact>` to every user who shares a conversation
-//!   with them;
+//!   with them, once (the record notes what was announced, in the same
+//!   compare-and-set as the change);
+//! - the sweeper (every `sweep_interval`, in every instance): users whose
+//!   devices all expired without a disconnection (their gateway was killed)
+//!   are announced offline;
 //! - [`error::Error`]: the crate's error, mapped to gRPC codes in one place;
-//! - [`Presence::start`]: subscribes the routes and returns the running
-//!   service.
+//! - [`Presence::start`]: subscribes the routes, starts the sweeper and
+//!   returns the running service.
 //!
 //! *Privacy*: a user sees the presence of the users who share a
-//! conversation with them (read from fanout's conversation store,
-//! `conversations_of` and `members`) and of nobody else, by query and by
-//! event alike. A query leaves out the users the asker may not see, without
-//! an error, so that it does not reveal whether they exist.
+//! conversation with them and of nobody else, by query and by event alike.
+//! Who shares a conversation is asked of fanout over the bus
+//! (`chappe.rpc.fanout.contacts`, `.memberships`): presence reads no table
+//! of another service. A query leaves out the users the asker may not see,
+//! without an error, so that it does not reveal whether they exist.
 //!
-//! What is next, and not in this crate yet:
-//! - gateways sending the connection events and heartbeats (every
-//!   `heartbeat_interval`, with whether the device was active), serving the
-//!   query and forwarding `presence_changed` on the Connect stream;
-//! - the preference to hide last-seen must be kept durably (a record here
-//!   expires with its ttl, and its `hide_last_seen` with it) and applied on
-//!   every read;
-//! - a sweeper: a user that only expired (their gateway died, no event from
-//!   anyone) is shown offline by queries after the ttl, but no
-//!   `presence_changed` is pushed for it yet;
-//! - typing indicators, relayed on `chappe.evt.typing.<conversation>` to the
-//!   conversation's connected members and never stored.
+//! *Connection ids*: each Connect stream reports a random id; the end of a
+//! stream that a newer one of the same device replaced (the device moved to
+//! another gateway, which reported first) does not make the device offline.
 
 pub mod config;
 pub mod error;
@@ -56,43 +54,73 @@ use std::sync::Arc;
 
 use chappe_bus::rpc::RunningServer;
 use chappe_bus::{Bus, Subjects};
-use chappe_storage::ConversationRepo;
+use chappe_storage::PresenceSettingsRepo;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use config::{ConfigError, PresenceConfig};
 pub use error::{Error, Result};
 pub use state::{DeviceSeen, PresenceState, UserPresence};
 pub use store::{KvPresenceStore, MemoryPresenceStore, PresenceStore, StoreError};
 
-/// A running presence service: its request handlers.
+/// presence is ready when its bus carries messages (its records live on
+/// the bus, in a key-value bucket, or in memory).
+pub fn readiness(bus: Arc<dyn Bus>) -> chappe_telemetry::http::Health {
+    chappe_telemetry::http::Health::new().check("bus", move || {
+        let bus = bus.clone();
+        async move { bus.health().await.map_err(|e| e.to_string()) }
+    })
+}
+
+/// A running presence service: its request handlers and its sweeper.
 pub struct Presence {
     server: RunningServer,
+    sweeper: JoinHandle<()>,
+    stop_sweeping: CancellationToken,
 }
 
 impl Presence {
-    /// Subscribes every presence method (queue group `presence`) and serves
-    /// them in the background; returns once all are subscribed.
-    /// `conversations` is fanout's conversation store, read to decide who
-    /// may see whom.
+    /// Subscribes every presence method (queue group `presence`), starts
+    /// the sweeper, and serves in the background; returns once all are
+    /// subscribed. `settings` holds who hides their last-seen time.
     pub async fn start(
         config: PresenceConfig,
         store: Arc<dyn PresenceStore>,
-        conversations: Arc<dyn ConversationRepo>,
+        settings: Arc<dyn PresenceSettingsRepo>,
         bus: Arc<dyn Bus>,
         subjects: Subjects,
     ) -> Result<Self, chappe_bus::Error> {
         let service = Arc::new(service::Service::new(
-            config,
-            store,
-            conversations,
-            bus,
-            subjects,
+            config, store, settings, bus, subjects,
         ));
-        let server = service::routes(service).start().await?;
-        Ok(Self { server })
+        let server = service::routes(service.clone()).start().await?;
+        let stop_sweeping = CancellationToken::new();
+        let sweeper = tokio::spawn(sweep_forever(service, stop_sweeping.clone()));
+        Ok(Self {
+            server,
+            sweeper,
+            stop_sweeping,
+        })
     }
 
     /// Stops taking requests and finishes those in hand.
     pub async fn stop(self) {
+        self.stop_sweeping.cancel();
+        let _ = self.sweeper.await;
         self.server.stop().await;
+    }
+}
+
+async fn sweep_forever(service: Arc<service::Service>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(service.config().sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = service.sweep().await {
+            tracing::warn!(error = %e, "presence sweep failed; next one retries");
+        }
     }
 }

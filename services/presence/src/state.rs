@@ -27,6 +27,10 @@ pub struct DeviceSeen {
     /// The last time the device was in use (connection, or a heartbeat that
     /// reported activity); 0 if never reported.
     pub last_active_ms: u64,
+    /// The Connect stream this was last reported for (random per stream,
+    /// 0 if unknown): a disconnection of another stream is an older one's.
+    #[serde(default)]
+    pub connection_id: u64,
 }
 
 /// The presence record of one user, as kept in a [`PresenceStore`](crate::store::PresenceStore).
@@ -38,9 +42,10 @@ pub struct UserPresence {
     /// The last time one of the user's devices was seen connected, if ever.
     #[serde(default)]
     pub last_seen_ms: Option<u64>,
-    /// The user asked not to show their last-seen time to others.
+    /// The state the user's contacts were last told of, if any: a change
+    /// is pushed once, by whichever presence instance stores it first.
     #[serde(default)]
-    pub hide_last_seen: bool,
+    pub announced: Option<PresenceState>,
 }
 
 /// The state a user is shown in.
@@ -69,6 +74,14 @@ impl Presence {
         state: PresenceState::Offline,
         last_seen_ms: None,
     };
+
+    /// This presence as shown by a user who hides their last-seen time.
+    pub fn hiding_last_seen(self, hide: bool) -> Presence {
+        Presence {
+            last_seen_ms: if hide { None } else { self.last_seen_ms },
+            ..self
+        }
+    }
 }
 
 /// `d` in whole milliseconds, saturating.
@@ -87,15 +100,18 @@ impl UserPresence {
         self.last_seen_ms = Some(self.last_seen_ms.map_or(now_ms, |t| t.max(now_ms)));
     }
 
-    /// A gateway reports that `device` connected: it is connected and active.
-    pub fn connect(&mut self, device: &DeviceId, now_ms: u64) {
+    /// A gateway reports that `device` connected on stream `connection_id`:
+    /// it is connected and active.
+    pub fn connect(&mut self, device: &DeviceId, connection_id: u64, now_ms: u64) {
         let seen = self
             .devices
             .entry(device.as_str().to_owned())
             .or_insert(DeviceSeen {
                 last_heartbeat_ms: now_ms,
                 last_active_ms: now_ms,
+                connection_id,
             });
+        seen.connection_id = connection_id;
         seen.last_heartbeat_ms = seen.last_heartbeat_ms.max(now_ms);
         seen.last_active_ms = seen.last_active_ms.max(now_ms);
         self.saw(now_ms);
@@ -108,13 +124,14 @@ impl UserPresence {
     /// during a partition, or the presence store was restarted) adds it: the
     /// gateway knows better. Such a device counts as active only if the
     /// heartbeat says so.
-    pub fn heartbeat(&mut self, device: &DeviceId, active: bool, now_ms: u64) {
+    pub fn heartbeat(&mut self, device: &DeviceId, connection_id: u64, active: bool, now_ms: u64) {
         let seen = self
             .devices
             .entry(device.as_str().to_owned())
             .or_insert(DeviceSeen {
                 last_heartbeat_ms: now_ms,
                 last_active_ms: 0,
+                connection_id,
             });
         seen.last_heartbeat_ms = seen.last_heartbeat_ms.max(now_ms);
         if active {
@@ -123,10 +140,17 @@ impl UserPresence {
         self.saw(now_ms);
     }
 
-    /// A gateway reports that `device` disconnected: it was connected until
-    /// `now_ms`, and is no longer.
-    pub fn disconnect(&mut self, device: &DeviceId, now_ms: u64) {
-        self.devices.remove(device.as_str());
+    /// A gateway reports that `device`'s stream `connection_id` ended: it
+    /// was connected until `now_ms`. The device stays connected if the
+    /// record holds a newer stream of it (it moved to another gateway, which
+    /// reported it before this gateway reported the end of the old one).
+    pub fn disconnect(&mut self, device: &DeviceId, connection_id: u64, now_ms: u64) {
+        let newer = self.devices.get(device.as_str()).is_some_and(|seen| {
+            connection_id != 0 && seen.connection_id != 0 && seen.connection_id != connection_id
+        });
+        if !newer {
+            self.devices.remove(device.as_str());
+        }
         self.saw(now_ms);
     }
 
@@ -176,11 +200,7 @@ impl UserPresence {
         }
         Presence {
             state,
-            last_seen_ms: if self.hide_last_seen {
-                None
-            } else {
-                self.last_seen_ms
-            },
+            last_seen_ms: self.last_seen_ms,
         }
     }
 }
@@ -213,7 +233,7 @@ mod tests {
     #[test]
     fn connecting_makes_a_user_online() {
         let mut record = UserPresence::default();
-        record.connect(&device("phone"), T0);
+        record.connect(&device("phone"), 1, T0);
         assert_eq!(
             status(&record, T0),
             Presence {
@@ -227,9 +247,9 @@ mod tests {
     fn heartbeats_keep_a_user_online_past_the_ttl() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0);
+        record.connect(&phone, 1, T0);
         for n in 1..=10 {
-            record.heartbeat(&phone, true, T0 + n * 20 * S);
+            record.heartbeat(&phone, 1, true, T0 + n * 20 * S);
         }
         let now = T0 + 200 * S + 59 * S;
         assert_eq!(status(&record, now).state, PresenceState::Online);
@@ -241,19 +261,19 @@ mod tests {
     fn inactive_heartbeats_make_a_user_away_after_away_after() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0);
+        record.connect(&phone, 1, T0);
         let mut now = T0;
         while now < T0 + 300 * S {
             now += 20 * S;
-            record.heartbeat(&phone, false, now);
+            record.heartbeat(&phone, 1, false, now);
             assert_eq!(status(&record, now).state, PresenceState::Online, "{now}");
         }
         now += 20 * S;
-        record.heartbeat(&phone, false, now);
+        record.heartbeat(&phone, 1, false, now);
         assert_eq!(status(&record, now).state, PresenceState::Away);
         // Activity brings the user back.
         now += 20 * S;
-        record.heartbeat(&phone, true, now);
+        record.heartbeat(&phone, 1, true, now);
         assert_eq!(status(&record, now).state, PresenceState::Online);
     }
 
@@ -261,12 +281,12 @@ mod tests {
     fn one_active_device_is_enough_to_be_online() {
         let mut record = UserPresence::default();
         let (phone, laptop) = (device("phone"), device("laptop"));
-        record.connect(&phone, T0);
-        record.connect(&laptop, T0);
+        record.connect(&phone, 1, T0);
+        record.connect(&laptop, 1, T0);
         let now = T0 + 400 * S;
-        record.heartbeat(&phone, false, now);
+        record.heartbeat(&phone, 1, false, now);
         assert_eq!(status(&record, now).state, PresenceState::Away);
-        record.heartbeat(&laptop, true, now);
+        record.heartbeat(&laptop, 1, true, now);
         assert_eq!(status(&record, now).state, PresenceState::Online);
     }
 
@@ -274,11 +294,11 @@ mod tests {
     fn disconnecting_the_last_device_makes_a_user_offline() {
         let mut record = UserPresence::default();
         let (phone, laptop) = (device("phone"), device("laptop"));
-        record.connect(&phone, T0);
-        record.connect(&laptop, T0 + S);
-        record.disconnect(&phone, T0 + 10 * S);
+        record.connect(&phone, 1, T0);
+        record.connect(&laptop, 1, T0 + S);
+        record.disconnect(&phone, 1, T0 + 10 * S);
         assert_eq!(status(&record, T0 + 10 * S).state, PresenceState::Online);
-        record.disconnect(&laptop, T0 + 12 * S);
+        record.disconnect(&laptop, 1, T0 + 12 * S);
         assert_eq!(
             status(&record, T0 + 12 * S),
             Presence {
@@ -293,8 +313,8 @@ mod tests {
     fn gateway_died_no_disconnect_offline_after_ttl() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0);
-        record.heartbeat(&phone, true, T0 + 20 * S);
+        record.connect(&phone, 1, T0);
+        record.heartbeat(&phone, 1, true, T0 + 20 * S);
         // The gateway dies: no heartbeat, no disconnect.
         let last = T0 + 20 * S;
         assert_eq!(status(&record, last + 60 * S).state, PresenceState::Online);
@@ -318,9 +338,9 @@ mod tests {
     fn expire_drops_only_stale_devices() {
         let mut record = UserPresence::default();
         let (phone, laptop) = (device("phone"), device("laptop"));
-        record.connect(&phone, T0);
-        record.connect(&laptop, T0);
-        record.heartbeat(&laptop, true, T0 + 50 * S);
+        record.connect(&phone, 1, T0);
+        record.connect(&laptop, 1, T0);
+        record.heartbeat(&laptop, 1, true, T0 + 50 * S);
         assert_eq!(record.expire(T0 + 61 * S, config().ttl), 1);
         assert_eq!(record.devices.keys().collect::<Vec<_>>(), ["laptop"]);
         assert_eq!(record.last_seen_ms, Some(T0 + 50 * S));
@@ -331,10 +351,10 @@ mod tests {
     fn a_heartbeat_of_an_unknown_device_reconnects_it() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.heartbeat(&phone, false, T0);
+        record.heartbeat(&phone, 1, false, T0);
         assert_eq!(status(&record, T0).state, PresenceState::Away);
         let mut record = UserPresence::default();
-        record.heartbeat(&phone, true, T0);
+        record.heartbeat(&phone, 1, true, T0);
         assert_eq!(status(&record, T0).state, PresenceState::Online);
     }
 
@@ -342,10 +362,10 @@ mod tests {
     fn reconnecting_after_expiry_is_online_again() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0);
+        record.connect(&phone, 1, T0);
         record.expire(T0 + 61 * S, config().ttl);
         assert_eq!(status(&record, T0 + 61 * S).state, PresenceState::Offline);
-        record.connect(&phone, T0 + 70 * S);
+        record.connect(&phone, 1, T0 + 70 * S);
         assert_eq!(
             status(&record, T0 + 70 * S),
             Presence {
@@ -359,11 +379,10 @@ mod tests {
     fn hidden_last_seen_is_not_shown() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0);
-        record.disconnect(&phone, T0 + S);
-        record.hide_last_seen = true;
+        record.connect(&phone, 1, T0);
+        record.disconnect(&phone, 1, T0 + S);
         assert_eq!(
-            status(&record, T0 + 2 * S),
+            status(&record, T0 + 2 * S).hiding_last_seen(true),
             Presence {
                 state: PresenceState::Offline,
                 last_seen_ms: None
@@ -371,34 +390,41 @@ mod tests {
         );
         // The time is still kept, for when the user shows it again.
         assert_eq!(record.last_seen_ms, Some(T0 + S));
+        assert_eq!(
+            status(&record, T0 + 2 * S)
+                .hiding_last_seen(false)
+                .last_seen_ms,
+            Some(T0 + S)
+        );
     }
 
     #[test]
     fn late_events_never_move_times_back() {
         let mut record = UserPresence::default();
         let phone = device("phone");
-        record.connect(&phone, T0 + 10 * S);
-        record.heartbeat(&phone, true, T0);
+        record.connect(&phone, 1, T0 + 10 * S);
+        record.heartbeat(&phone, 1, true, T0);
         assert_eq!(
             record.devices["phone"],
             DeviceSeen {
                 last_heartbeat_ms: T0 + 10 * S,
-                last_active_ms: T0 + 10 * S
+                last_active_ms: T0 + 10 * S,
+                connection_id: 1,
             }
         );
-        record.disconnect(&phone, T0 + 5 * S);
+        record.disconnect(&phone, 1, T0 + 5 * S);
         assert_eq!(record.last_seen_ms, Some(T0 + 10 * S));
         // A clock slightly ahead counts as now.
         let mut record = UserPresence::default();
-        record.connect(&phone, T0 + S);
+        record.connect(&phone, 1, T0 + S);
         assert_eq!(status(&record, T0).state, PresenceState::Online);
     }
 
     #[test]
     fn the_record_round_trips_through_json() {
         let mut record = UserPresence::default();
-        record.connect(&device("phone"), T0);
-        record.hide_last_seen = true;
+        record.connect(&device("phone"), 1, T0);
+        record.announced = Some(PresenceState::Online);
         let json = serde_json::to_vec(&record).unwrap();
         assert_eq!(
             serde_json::from_slice::<UserPresence>(&json).unwrap(),
@@ -408,6 +434,34 @@ mod tests {
         assert_eq!(
             serde_json::from_slice::<UserPresence>(b"{}").unwrap(),
             UserPresence::default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn a_late_disconnect_of_an_older_stream_keeps_the_newer_one() {
+        let config = PresenceConfig::default();
+        let phone = DeviceId::parse("phone").unwrap();
+        let mut record = UserPresence::default();
+        record.connect(&phone, 1, T0);
+        // The phone moved to another gateway, which reported it first.
+        record.connect(&phone, 2, T0 + 1_000);
+        record.disconnect(&phone, 1, T0 + 1_100);
+        assert_eq!(
+            record.status(T0 + 1_200, &config).state,
+            PresenceState::Online
+        );
+        // The end of the current stream does disconnect it.
+        record.disconnect(&phone, 2, T0 + 1_300);
+        assert_eq!(
+            record.status(T0 + 1_400, &config).state,
+            PresenceState::Offline
         );
     }
 }

@@ -4,9 +4,8 @@
 //! any more (their gateway died) disappears by itself even if no presence
 //! instance runs [`UserPresence::expire`] for them.
 //!
-//! Forgetting a record forgets its `last_seen_ms` and `hide_last_seen` too:
-//! the preference to hide last-seen must be kept durably elsewhere and
-//! applied by the service (see the crate documentation).
+//! Forgetting a record forgets its `last_seen_ms` too. The preference to
+//! hide last-seen is kept durably elsewhere (the settings table).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,6 +58,10 @@ pub trait PresenceStore: Send + Sync {
 
     /// Forgets the user's record.
     async fn delete(&self, user: &UserId) -> Result<()>;
+
+    /// The users who have a record (for the sweeper). Reads every key: its
+    /// cost grows with the users seen within the record ttl.
+    async fn users(&self) -> Result<Vec<UserId>>;
 
     /// The records of several users, in the order asked.
     async fn get_many(&self, users: &[UserId]) -> Result<Vec<Option<UserPresence>>> {
@@ -161,6 +164,17 @@ impl PresenceStore for MemoryPresenceStore {
         self.lock().records.remove(user);
         Ok(())
     }
+
+    async fn users(&self) -> Result<Vec<UserId>> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .records
+            .iter()
+            .filter(|(_, (_, expiry))| live(*expiry, now))
+            .map(|(user, _)| user.clone())
+            .collect())
+    }
 }
 
 /// The cluster store: one JetStream key-value bucket, one key per user, the
@@ -201,6 +215,11 @@ impl KvPresenceStore {
 /// contain: the mapping is one to one, and its keys never hold a `.`.
 pub fn user_key(user: &UserId) -> String {
     user.as_str().replace('.', "=")
+}
+
+/// The user of a key made by [`user_key`].
+fn key_user(key: &str) -> Option<UserId> {
+    UserId::parse(key.replace('=', ".")).ok()
 }
 
 fn backend(what: &str, user: &UserId, e: impl std::fmt::Display) -> StoreError {
@@ -284,6 +303,19 @@ impl PresenceStore for KvPresenceStore {
             .await
             .map_err(|e| backend("deleting", user, e))
     }
+
+    async fn users(&self) -> Result<Vec<UserId>> {
+        use futures::TryStreamExt as _;
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| StoreError::Backend(format!("listing presence records: {e}")))?
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::Backend(format!("listing presence records: {e}")))?;
+        Ok(keys.iter().filter_map(|k| key_user(k)).collect())
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +332,7 @@ mod tests {
         ] {
             let user = UserId::parse(user).unwrap();
             assert_eq!(user_key(&user), key);
+            assert_eq!(key_user(key), Some(user.clone()));
             assert!(!key.contains('.'));
         }
         assert_ne!(

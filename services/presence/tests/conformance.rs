@@ -26,7 +26,7 @@ fn device(id: &str) -> DeviceId {
 fn online(devices: &[&str]) -> UserPresence {
     let mut record = UserPresence::default();
     for d in devices {
-        record.connect(&device(d), T0);
+        record.connect(&device(d), 1, T0);
     }
     record
 }
@@ -41,7 +41,7 @@ async fn conformance(store: &dyn PresenceStore, ttl: Duration) {
 
     // Round trip, and a put replaces.
     let mut record = online(&["phone"]);
-    record.hide_last_seen = true;
+    record.announced = Some(chappe_presence::PresenceState::Online);
     store.put(&alice, &record).await.unwrap();
     assert_eq!(store.get(&alice).await.unwrap(), Some(record.clone()));
     let replaced = online(&["laptop"]);
@@ -57,14 +57,14 @@ async fn conformance(store: &dyn PresenceStore, ttl: Duration) {
     // Update starts from an empty record, then from the stored one.
     let first = store
         .update(&bob, &|r: &mut UserPresence| {
-            r.connect(&device("phone"), T0)
+            r.connect(&device("phone"), 1, T0)
         })
         .await
         .unwrap();
     assert_eq!(first, online(&["phone"]));
     let second = store
         .update(&bob, &|r: &mut UserPresence| {
-            r.connect(&device("laptop"), T0)
+            r.connect(&device("laptop"), 1, T0)
         })
         .await
         .unwrap();
@@ -79,7 +79,7 @@ async fn conformance(store: &dyn PresenceStore, ttl: Duration) {
         async move {
             let d = device(name);
             store
-                .update(carol, &move |r: &mut UserPresence| r.connect(&d, T0))
+                .update(carol, &move |r: &mut UserPresence| r.connect(&d, 1, T0))
                 .await
                 .unwrap()
         }
@@ -106,7 +106,7 @@ async fn conformance(store: &dyn PresenceStore, ttl: Duration) {
     assert_eq!(store.get(&alice).await.unwrap(), None);
     let fresh = store
         .update(&alice, &|r: &mut UserPresence| {
-            r.connect(&device("phone"), T0)
+            r.connect(&device("phone"), 1, T0)
         })
         .await
         .unwrap();
@@ -201,8 +201,11 @@ async fn kv_store_reports_an_unreadable_record() {
     ));
     assert!(matches!(
         store
-            .update(&alice, &|r: &mut UserPresence| r
-                .connect(&device("phone"), T0))
+            .update(&alice, &|r: &mut UserPresence| r.connect(
+                &device("phone"),
+                1,
+                T0
+            ))
             .await,
         Err(StoreError::Corrupt { .. })
     ));

@@ -1,6 +1,7 @@
 //! presence through the bus, as a gateway calls it, on the in-process bus,
-//! a real embedded conversation store (who may see whom) and the in-memory
-//! presence store.
+//! with a real fanout answering who shares a conversation with whom (over
+//! the bus, from an embedded store), the in-memory presence store and the
+//! embedded settings table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +35,15 @@ struct Harness {
     bus: Arc<dyn Bus>,
     subjects: Subjects,
     presence: Presence,
+    _fanout: chappe_fanout::Fanout,
+    store: EmbeddedStore,
+    conversations: Vec<ConversationId>,
     _dir: tempfile::TempDir,
 }
 
 /// A group conversation of `members` (the first creates it), stored as
 /// fanout would.
-async fn conversation(store: &EmbeddedStore, members: &[&str]) {
+async fn conversation(store: &EmbeddedStore, members: &[&str]) -> ConversationId {
     let id = ConversationId::random();
     let log: Vec<_> = (1..)
         .zip(members)
@@ -70,22 +74,36 @@ async fn conversation(store: &EmbeddedStore, members: &[&str]) {
         membership_seq: log.len() as u64,
     };
     store.create_conversation(&row, &log).await.unwrap();
+    id
 }
 
 /// alice and bob share a conversation; carol shares one with dave, none
 /// with alice.
 async fn start() -> Harness {
+    start_with(PresenceConfig::default()).await
+}
+
+async fn start_with(config: PresenceConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("chappe.db")).unwrap();
-    conversation(&store, &["alice", "bob"]).await;
-    conversation(&store, &["carol", "dave"]).await;
+    let conversations = vec![
+        conversation(&store, &["alice", "bob"]).await,
+        conversation(&store, &["carol", "dave"]).await,
+    ];
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::default());
     let subjects = Subjects::default();
-    let config = PresenceConfig::default();
+    let fanout = chappe_fanout::Fanout::start(
+        chappe_fanout::FanoutConfig::default(),
+        Arc::new(store.clone()),
+        bus.clone(),
+        subjects.clone(),
+    )
+    .await
+    .unwrap();
     let presence = Presence::start(
         config.clone(),
-        Arc::new(MemoryPresenceStore::new(config.ttl)),
-        Arc::new(store),
+        Arc::new(MemoryPresenceStore::new(config.record_ttl())),
+        Arc::new(store.clone()),
         bus.clone(),
         subjects.clone(),
     )
@@ -95,6 +113,9 @@ async fn start() -> Harness {
         bus,
         subjects,
         presence,
+        _fanout: fanout,
+        store,
+        conversations,
         _dir: dir,
     }
 }
@@ -116,10 +137,22 @@ impl Harness {
     }
 
     async fn connection(&self, user: &str, kind: Kind, active: bool) -> Result<(), RpcError> {
+        self.stream_event(user, 1, kind, active).await
+    }
+
+    /// An event of the Connect stream `connection_id` of `user`'s device D1.
+    async fn stream_event(
+        &self,
+        user: &str,
+        connection_id: u64,
+        kind: Kind,
+        active: bool,
+    ) -> Result<(), RpcError> {
         let request = PresenceConnection {
             actor: actor(user),
             kind: kind as i32,
             active,
+            connection_id,
         };
         let _: PresenceAck = rpc::call(
             &*self.bus,
@@ -149,14 +182,22 @@ impl Harness {
     }
 }
 
+/// The next delivery on `deliveries`, within `within`.
+async fn next_item(deliveries: &mut Subscription, within: Duration) -> user_delivery::Item {
+    let message = tokio::time::timeout(within, deliveries.next())
+        .await
+        .unwrap_or_else(|_| panic!("a delivery within {within:?}"))
+        .expect("the subscription is open");
+    UserDelivery::decode(message.payload)
+        .unwrap()
+        .item
+        .expect("a delivery with an item")
+}
+
 /// The next presence change on `deliveries`, within [`PUSH_WITHIN`].
 async fn next_change(deliveries: &mut Subscription) -> PresenceInfo {
-    let message = tokio::time::timeout(PUSH_WITHIN, deliveries.next())
-        .await
-        .expect("a presence change within 1 s")
-        .expect("the subscription is open");
-    match UserDelivery::decode(message.payload).unwrap().item {
-        Some(user_delivery::Item::PresenceChanged(info)) => info,
+    match next_item(deliveries, PUSH_WITHIN).await {
+        user_delivery::Item::PresenceChanged(info) => info,
         other => panic!("expected a presence change, got {other:?}"),
     }
 }
@@ -271,5 +312,161 @@ async fn malformed_requests_are_invalid_arguments() {
     .unwrap_err();
     assert_eq!(e.code, Code::InvalidArgument, "{e}");
 
+    h.presence.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_whose_gateway_went_silent_is_announced_offline_after_the_ttl() {
+    let config = PresenceConfig {
+        ttl: Duration::from_millis(800),
+        heartbeat_interval: Duration::from_millis(200),
+        sweep_interval: Duration::from_millis(100),
+        ..PresenceConfig::default()
+    };
+    let h = start_with(config.clone()).await;
+    let mut bob = h.deliveries("bob").await;
+    h.connection("alice", Kind::Connected, true).await.unwrap();
+    assert_eq!(state(&next_change(&mut bob).await), PresenceState::Online);
+    let silent_from = std::time::Instant::now();
+    // No heartbeat, no disconnection: the gateway died. bob is told within
+    // the ttl and a sweep.
+    let offline = match next_item(&mut bob, config.ttl * 2).await {
+        user_delivery::Item::PresenceChanged(info) => info,
+        other => panic!("expected a presence change, got {other:?}"),
+    };
+    let took = silent_from.elapsed();
+    assert_eq!(offline.user_id, "alice");
+    assert_eq!(state(&offline), PresenceState::Offline);
+    assert!(took >= config.ttl - Duration::from_millis(100), "{took:?}");
+    assert!(took <= config.ttl + config.sweep_interval * 3, "{took:?}");
+    // Once: later sweeps (of this or another instance) do not repeat it.
+    assert_quiet(&mut bob, "bob").await;
+    assert_eq!(
+        state(&h.query("bob", &["alice"]).await.unwrap()[0]),
+        PresenceState::Offline
+    );
+    h.presence.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_disconnection_of_an_older_stream_does_not_make_a_user_offline() {
+    let h = start().await;
+    let mut bob = h.deliveries("bob").await;
+    h.stream_event("alice", 1, Kind::Connected, true)
+        .await
+        .unwrap();
+    assert_eq!(state(&next_change(&mut bob).await), PresenceState::Online);
+    // alice's device moved to another gateway, which reported it first; the
+    // old gateway reports the end of the old stream afterwards.
+    h.stream_event("alice", 2, Kind::Connected, true)
+        .await
+        .unwrap();
+    h.stream_event("alice", 1, Kind::Disconnected, false)
+        .await
+        .unwrap();
+    assert_quiet(&mut bob, "bob").await;
+    let seen = h.query("bob", &["alice"]).await.unwrap();
+    assert_eq!(state(&seen[0]), PresenceState::Online);
+    h.stream_event("alice", 2, Kind::Disconnected, false)
+        .await
+        .unwrap();
+    assert_eq!(state(&next_change(&mut bob).await), PresenceState::Offline);
+    h.presence.stop().await;
+}
+
+#[tokio::test]
+async fn hidden_last_seen_is_kept_and_applied_to_queries_and_events() {
+    let h = start().await;
+    let mut bob = h.deliveries("bob").await;
+    let settings = chappe_proto::internal::PresenceSettingsRequest {
+        actor: actor("alice"),
+        request: Some(v1::PresenceSettings {
+            hide_last_seen: true,
+        }),
+    };
+    let _: PresenceAck = rpc::call(
+        &*h.bus,
+        &h.subjects.presence(PresenceMethod::Settings),
+        &settings,
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    h.connection("alice", Kind::Connected, true).await.unwrap();
+    let online = next_change(&mut bob).await;
+    assert_eq!(state(&online), PresenceState::Online);
+    assert_eq!(online.last_seen_ms, 0, "hidden from events");
+    h.connection("alice", Kind::Disconnected, false)
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut bob).await.last_seen_ms, 0);
+    assert_eq!(h.query("bob", &["alice"]).await.unwrap()[0].last_seen_ms, 0);
+    // alice still sees her own.
+    assert!(h.query("alice", &["alice"]).await.unwrap()[0].last_seen_ms > 0);
+    // Kept durably, in the settings table.
+    use chappe_storage::PresenceSettingsRepo as _;
+    assert_eq!(
+        h.store
+            .hide_last_seen_many(&["alice", "bob"])
+            .await
+            .unwrap(),
+        [true, false]
+    );
+    h.presence.stop().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_the_other_members_only_and_is_never_stored() {
+    let h = start().await;
+    let mut alice = h.deliveries("alice").await;
+    let mut bob = h.deliveries("bob").await;
+    let mut carol = h.deliveries("carol").await;
+    let typing =
+        |user: &str, conversation: &ConversationId| chappe_proto::internal::TypingRequest {
+            actor: actor(user),
+            request: Some(v1::Typing {
+                conversation_id: conversation.to_string(),
+                typing: true,
+            }),
+        };
+    let subject = h.subjects.presence(PresenceMethod::Typing);
+    let ours = h.conversations[0];
+    let _: PresenceAck = rpc::call(&*h.bus, &subject, &typing("alice", &ours), TIMEOUT)
+        .await
+        .unwrap();
+    match next_item(&mut bob, PUSH_WITHIN).await {
+        user_delivery::Item::Typing(event) => {
+            assert_eq!(event.user_id, "alice");
+            assert_eq!(event.conversation_id, ours.to_string());
+            assert!(event.typing);
+            assert_eq!(event.timeout_ms, 6_000);
+        }
+        other => panic!("expected typing, got {other:?}"),
+    }
+    assert_quiet(&mut alice, "alice").await;
+    assert_quiet(&mut carol, "carol").await;
+
+    // carol is not a member: refused, and nobody hears of it.
+    let e = rpc::call::<_, PresenceAck>(&*h.bus, &subject, &typing("carol", &ours), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::PermissionDenied, "{e}");
+    let unknown = ConversationId::random();
+    let e = rpc::call::<_, PresenceAck>(&*h.bus, &subject, &typing("alice", &unknown), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::PermissionDenied, "{e}");
+    assert_quiet(&mut bob, "bob").await;
+
+    // Never stored: nothing in the conversation, nothing in any inbox.
+    use chappe_storage::{InboxRepo as _, MessageRepo as _};
+    assert!(
+        h.store
+            .messages_after(ours, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(h.store.inbox("bob", "D1", 100).await.unwrap().is_empty());
     h.presence.stop().await;
 }
