@@ -107,6 +107,8 @@ pub struct Metrics {
     pub fanout_store_duration: LatencyFamily<OperationLabels>,
     /// `chappe_keydir_store_operation_duration_seconds{operation}`.
     pub keydir_store_duration: LatencyFamily<OperationLabels>,
+    /// `chappe_media_store_operation_duration_seconds{operation}`.
+    pub media_store_duration: LatencyFamily<OperationLabels>,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             fanout_messages_stored: Counter::default(),
             fanout_store_duration: latency_family(),
             keydir_store_duration: latency_family(),
+            media_store_duration: latency_family(),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -181,6 +184,11 @@ impl Metrics {
             "chappe_keydir_store_operation_duration_seconds",
             "Time of a keydir store operation, by operation",
             m.keydir_store_duration.clone(),
+        );
+        registry.register(
+            "chappe_media_store_operation_duration_seconds",
+            "Time of a media store operation, by operation",
+            m.media_store_duration.clone(),
         );
         Self { registry, ..m }
     }
@@ -284,6 +292,9 @@ mod tests {
         m.keydir_store_duration
             .get_or_create(&operation)
             .observe(0.1);
+        m.media_store_duration
+            .get_or_create(&operation)
+            .observe(0.1);
         let text = m.encode_prometheus();
         for name in [
             "chappe_gateway_requests_total",
@@ -295,6 +306,7 @@ mod tests {
             "chappe_fanout_messages_stored_total",
             "chappe_fanout_store_operation_duration_seconds",
             "chappe_keydir_store_operation_duration_seconds",
+            "chappe_media_store_operation_duration_seconds",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

@@ -1,6 +1,7 @@
-//! Chappe as a deployment runs it: one `chappe-keydir`, some `chappe-fanout`
-//! and some `chappe-gateway` processes over one nats-server, sharing one
-//! embedded store file. A test kills, restarts and stops any of them.
+//! Chappe as a deployment runs it: one `chappe-keydir`, one
+//! `chappe-presence`, one `chappe-media`, some `chappe-fanout` and some
+//! `chappe-gateway` processes over one nats-server, sharing one embedded
+//! store file. A test kills, restarts and stops any of them.
 //!
 //! The service binaries are built (once per test process, with the test's
 //! own profile) by `cargo build`, so a test never runs stale ones: cargo
@@ -25,8 +26,8 @@ pub struct ClusterConfig {
 }
 
 impl Default for ClusterConfig {
-    /// Two gateways, two fanouts (and always one keydir): every path that
-    /// crosses processes is crossed.
+    /// Two gateways, two fanouts (and always one keydir, one presence, one
+    /// media): every path that crosses processes is crossed.
     fn default() -> Self {
         Self {
             gateways: 2,
@@ -91,11 +92,13 @@ impl Service {
     }
 }
 
-/// keydir, fanouts and gateways in processes of their own over a
-/// nats-server of their own. Dropping it kills everything.
+/// keydir, presence, media, fanouts and gateways in processes of their own
+/// over a nats-server of their own. Dropping it kills everything.
 pub struct Cluster {
     // Services first: they are killed before NATS goes.
     keydir: Service,
+    presence: Service,
+    media: Service,
     fanouts: Vec<Service>,
     gateways: Vec<Service>,
     gateway_urls: Vec<String>,
@@ -132,6 +135,8 @@ impl Cluster {
         );
         let binaries = binaries();
         let keydir = Service::new(binaries.join("chappe-keydir"), Vec::new(), env.clone());
+        let presence = Service::new(binaries.join("chappe-presence"), Vec::new(), env.clone());
+        let media = Service::new(binaries.join("chappe-media"), Vec::new(), env.clone());
         let fanouts = (0..config.fanouts)
             .map(|_| Service::new(binaries.join("chappe-fanout"), Vec::new(), env.clone()))
             .collect();
@@ -149,6 +154,8 @@ impl Cluster {
             .collect();
         Cluster {
             keydir,
+            presence,
+            media,
             fanouts,
             gateways,
             gateway_urls,
@@ -201,6 +208,16 @@ impl Cluster {
         self.gateways[i].process().line_with(needle).map(Into::into)
     }
 
+    /// A line the presence service printed before it was ready.
+    pub fn presence_line(&self, needle: &str) -> Option<String> {
+        self.presence.process().line_with(needle).map(Into::into)
+    }
+
+    /// A line the media service printed before it was ready.
+    pub fn media_line(&self, needle: &str) -> Option<String> {
+        self.media.process().line_with(needle).map(Into::into)
+    }
+
     /// A line keydir printed before it was ready.
     pub fn keydir_line(&self, needle: &str) -> Option<String> {
         self.keydir.process().line_with(needle).map(Into::into)
@@ -219,7 +236,7 @@ impl Cluster {
             .gateways
             .iter_mut()
             .chain(self.fanouts.iter_mut())
-            .chain(std::iter::once(&mut self.keydir));
+            .chain([&mut self.media, &mut self.presence, &mut self.keydir]);
         for service in services {
             if let Some(status) = service.terminate()
                 && !status.success()
@@ -259,7 +276,8 @@ fn binaries() -> PathBuf {
             .arg("--manifest-path")
             .arg(&manifest)
             .args(["--bin", "chappe-keydir", "--bin", "chappe-fanout"])
-            .args(["--bin", "chappe-gateway"]);
+            .args(["--bin", "chappe-gateway", "--bin", "chappe-presence"])
+            .args(["--bin", "chappe-media"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }

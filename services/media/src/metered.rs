@@ -2,12 +2,11 @@
 //! (named after the operation) and its duration is recorded per operation
 //! in [`store_durations`].
 //!
-//! The process registry (`chappe_telemetry::metrics`) has no family for
-//! media yet, so these durations are kept here and are not on `/metrics`;
-//! the spans carry them to traces meanwhile.
+//! They are exported as
+//! `chappe_media_store_operation_duration_seconds{operation}`.
 
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chappe_proto::ids::ConversationId;
@@ -17,15 +16,10 @@ use chappe_storage::{
 };
 use chappe_telemetry::metrics::{self, LatencyFamily, OperationLabels};
 
-static STORE_DURATIONS: LazyLock<LatencyFamily<OperationLabels>> = LazyLock::new(|| {
-    metrics::Family::new_with_constructor(metrics::latency_histogram as fn() -> metrics::Histogram)
-});
-
-/// The durations of media's store calls in this process, by operation
-/// (what `chappe_media_store_operation_duration_seconds{operation}` will
-/// expose once the registry lists it).
+/// The durations of media's store calls in this process, by operation:
+/// `chappe_media_store_operation_duration_seconds{operation}`.
 pub fn store_durations() -> &'static LatencyFamily<OperationLabels> {
-    &STORE_DURATIONS
+    &metrics::metrics().media_store_duration
 }
 
 /// A [`MediaRepo`] that measures the one it wraps.
