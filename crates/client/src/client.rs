@@ -8,12 +8,14 @@
 //! `keys_lock` key uploads. Answers on the `Connect` stream are routed by the
 //! transport task, independently of the task that processes pushes, so a
 //! sender waiting for its answer never waits for the receiving path.
+//!
+//! Files (upload, resume, download) live in `files`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chappe_proto::ids::{ConversationId, DeviceId, MessageId, UserId};
 use chappe_proto::v1::{self as pb, client_frame, server_frame};
@@ -21,13 +23,17 @@ use tokio::sync::{Mutex, mpsc};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::{
-    CryptoLimits, DecryptedMessage, DeviceAddr, IncomingMessage, Machine, Released, VerifiedDevice,
+    CryptoLimits, DecryptedMessage, DeviceAddr, IncomingMessage, Machine, OutgoingMessage,
+    Released, VerifiedDevice,
 };
-use crate::state::{self, STATE_VERSION, SessionToken, StateData, Store};
+use crate::state::{self, STATE_VERSION, SessionToken, StateData, Store, UploadRecord};
 use crate::transport::{Link, Push, Rpc, TransportConfig};
 use crate::{
-    ClientConfig, Conversation, ConversationKind, CryptoError, Error, Event, Events, Result, Sent,
+    ClientConfig, Conversation, ConversationKind, CryptoError, Error, Event, Events, Presence,
+    Result, Sent,
 };
+
+mod files;
 
 /// A logged-in device. Cheap to clone; clones share everything, and may be
 /// used from several tasks at once (e.g. one listening, one sending).
@@ -51,6 +57,8 @@ struct Inner {
     listener: StdMutex<Option<mpsc::Sender<Event>>>,
     /// A catch-up sync is scheduled (see [`Client::schedule_catch_up`]).
     catch_up_scheduled: AtomicBool,
+    /// Upload ids being uploaded by this process right now.
+    active_uploads: StdMutex<HashSet<String>>,
 }
 
 /// Everything persisted, in memory.
@@ -61,6 +69,8 @@ struct Local {
     membership_seq: BTreeMap<ConversationId, u64>,
     processed_inbox: Recent,
     seen_messages: Recent,
+    /// Unfinished uploads by upload id (see `files`).
+    uploads: BTreeMap<String, UploadRecord>,
 }
 
 #[derive(Default)]
@@ -131,6 +141,7 @@ fn transport_config(config: &ClientConfig) -> TransportConfig {
         ping_interval: config.ping_interval,
         outgoing_buffer: config.outgoing_buffer,
         local_address: config.local_address,
+        media_max_message_bytes: config.media_max_message_bytes,
     }
 }
 
@@ -164,6 +175,7 @@ impl Local {
                 .collect(),
             processed_inbox: self.processed_inbox.order.clone(),
             seen_messages: self.seen_messages.order.clone(),
+            uploads: self.uploads.values().cloned().collect(),
         }
     }
 
@@ -259,6 +271,7 @@ impl Client {
                     membership_seq: BTreeMap::new(),
                     processed_inbox: Recent::new([], config.dedupe_window),
                     seen_messages: Recent::new([], config.dedupe_window),
+                    uploads: BTreeMap::new(),
                 };
                 let client = Self::build(config, me, store, local)?;
                 // The account is on disk before any of its keys leave.
@@ -312,6 +325,11 @@ impl Client {
             membership_seq,
             processed_inbox: Recent::new(data.processed_inbox, config.dedupe_window),
             seen_messages: Recent::new(data.seen_messages, config.dedupe_window),
+            uploads: data
+                .uploads
+                .iter()
+                .map(|u| (u.upload_id.clone(), u.clone()))
+                .collect(),
         };
         let client = Self::build(config, me, store, local)?;
         client.inner.rpc.set_token(data.session)?;
@@ -346,6 +364,7 @@ impl Client {
                 link: StdMutex::new(None),
                 listener: StdMutex::new(None),
                 catch_up_scheduled: AtomicBool::new(false),
+                active_uploads: StdMutex::new(HashSet::new()),
             }),
         })
     }
@@ -749,15 +768,25 @@ impl Client {
                 self.inner.config.max_text_bytes
             )));
         }
+        self.send_encrypted(conversation, |machine| {
+            machine.encrypt_text(conversation, text, chappe_proto::ids::unix_ms())
+        })
+        .await
+    }
+
+    /// Shares the room key, encrypts with `encrypt`, persists, sends, and
+    /// returns the receipt (see [`Client::send_text`]).
+    async fn send_encrypted(
+        &self,
+        conversation: &ConversationId,
+        encrypt: impl FnOnce(&mut Machine) -> Result<OutgoingMessage, CryptoError>,
+    ) -> Result<Sent> {
         let link = self.link();
         let _send = self.inner.send_lock.lock().await;
         self.share_room_key(&link, conversation).await?;
         let outgoing = {
             let mut local = self.inner.local.lock().await;
-            let outgoing =
-                local
-                    .machine
-                    .encrypt_text(conversation, text, chappe_proto::ids::unix_ms())?;
+            let outgoing = encrypt(&mut local.machine)?;
             self.persist(&local).await?;
             outgoing
         };
@@ -1204,6 +1233,35 @@ impl Client {
                     }
                 }
             }
+            Push::PresenceChanged(info) => {
+                if !self.has_listener() {
+                    return;
+                }
+                match Presence::try_from(&info) {
+                    Ok(presence) => self.emit(Event::PresenceChanged(presence)).await,
+                    Err(e) => tracing::warn!(error = %e, "malformed presence pushed"),
+                }
+            }
+            Push::Typing(t) => {
+                if !self.has_listener() {
+                    return;
+                }
+                match (
+                    ConversationId::parse(&t.conversation_id),
+                    UserId::parse(t.user_id.as_str()),
+                ) {
+                    (Ok(conversation_id), Ok(user_id)) => {
+                        self.emit(Event::Typing {
+                            conversation_id,
+                            user_id,
+                            typing: t.typing,
+                            timeout: Duration::from_millis(u64::from(t.timeout_ms)),
+                        })
+                        .await;
+                    }
+                    _ => tracing::warn!("malformed typing event pushed"),
+                }
+            }
             Push::ToDevice(event) => {
                 // Without a listener, leave it in the inbox for the next
                 // sync, which returns what its room key unlocks.
@@ -1286,6 +1344,98 @@ impl Client {
                 Client { inner }.sync_and_emit(&link).await;
             }
         });
+    }
+
+    // ---------------------------------------------------- presence, typing
+
+    /// The presence of `users`. Only users who share a conversation with
+    /// this one (and this user) come back: the others are left out, whether
+    /// or not they exist.
+    pub async fn presence(&self, users: &[UserId]) -> Result<Vec<Presence>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let link = self.link();
+        let body = client_frame::Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: users.iter().map(ToString::to_string).collect(),
+        });
+        let server_frame::Body::Presence(result) = self.request_retrying(&link, body).await? else {
+            return Err(Error::protocol("expected a PresenceResult"));
+        };
+        result.presences.iter().map(Presence::try_from).collect()
+    }
+
+    /// Tells the members of `conversation` connected now that this user is
+    /// typing (or stopped). Nothing is stored; members see it as
+    /// [`Event::Typing`] for the server's timeout unless told again.
+    pub async fn set_typing(&self, conversation: &ConversationId, typing: bool) -> Result<()> {
+        let link = self.link();
+        let body = client_frame::Body::Typing(pb::Typing {
+            conversation_id: conversation.to_string(),
+            typing,
+        });
+        match self.request_retrying(&link, body).await? {
+            server_frame::Body::Accepted(_) => Ok(()),
+            _ => Err(Error::protocol("expected Accepted")),
+        }
+    }
+
+    /// Hides (or shows again) this user's last-seen time from others; they
+    /// still see whether the user is online.
+    pub async fn set_hide_last_seen(&self, hide: bool) -> Result<()> {
+        let link = self.link();
+        let body = client_frame::Body::PresenceSettings(pb::PresenceSettings {
+            hide_last_seen: hide,
+        });
+        match self.request_retrying(&link, body).await? {
+            server_frame::Body::Accepted(_) => Ok(()),
+            _ => Err(Error::protocol("expected Accepted")),
+        }
+    }
+
+    // ----------------------------------------------------------- history
+
+    /// One message of `conversation`, fetched from the server and
+    /// decrypted; `None` if the conversation has no message with that id.
+    /// A message whose room key this device lacks is an
+    /// [`Error::Crypto`] (a [`Client::sync`] first fetches pending keys).
+    pub async fn message(
+        &self,
+        conversation: &ConversationId,
+        id: &MessageId,
+    ) -> Result<Option<DecryptedMessage>> {
+        // History bounds are exclusive: start just before the id.
+        let from = match id.as_u128().checked_sub(1) {
+            Some(before) => MessageId::from_u128(before).to_string(),
+            None => String::new(),
+        };
+        let response = self
+            .inner
+            .rpc
+            .history(pb::HistoryRequest {
+                conversation_id: conversation.to_string(),
+                from_message_id: from,
+                direction: pb::Direction::Forward as i32,
+                limit: 1,
+            })
+            .await?;
+        let Some(raw) = response.messages.first() else {
+            return Ok(None);
+        };
+        let msg = IncomingMessage::try_from(raw)?;
+        if msg.message_id != *id {
+            return Ok(None);
+        }
+        if msg.conversation_id != *conversation {
+            return Err(Error::protocol(
+                "history returned another conversation's message",
+            ));
+        }
+        let mut local = self.inner.local.lock().await;
+        let decrypted = local.machine.decrypt_message(&msg)?;
+        local.seen_messages.insert(msg.message_id.to_string());
+        self.persist(&local).await?;
+        Ok(Some(decrypted))
     }
 
     /// The newest `limit` messages of a conversation that this device can

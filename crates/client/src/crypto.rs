@@ -40,6 +40,7 @@ use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{CryptoError, Error};
+use crate::media::Attachment;
 
 fn olm_config() -> olm::SessionConfig {
     olm::SessionConfig::version_1()
@@ -53,6 +54,9 @@ fn megolm_config() -> megolm::SessionConfig {
 const ROOM_KEY_TYPE: &str = "chappe.room_key.v1";
 /// The `type` of a text message's content.
 const TEXT_CONTENT_TYPE: &str = "text";
+/// The `type` of a file message's content: `{"type": "chappe.file", "file":
+/// {…}}`, described in [`crate::media`].
+const FILE_CONTENT_TYPE: &str = crate::media::FILE_CONTENT_TYPE;
 
 // ------------------------------------------------------------------ types
 
@@ -199,8 +203,10 @@ pub struct DecryptedMessage {
     pub message_id: MessageId,
     pub sender_user: UserId,
     pub sender_device: DeviceId,
-    /// The text.
+    /// The text; for a file, its name.
     pub body: String,
+    /// The file this message carries, if it is a file message.
+    pub attachment: Option<Attachment>,
     /// When the server stored it (server clock).
     pub sent_at_ms: i64,
     /// When the sender says it wrote it (sender's clock; informative only).
@@ -924,6 +930,30 @@ impl Machine {
         text: &str,
         now_ms: i64,
     ) -> Result<OutgoingMessage, CryptoError> {
+        let content = serde_json::json!({ "type": TEXT_CONTENT_TYPE, "text": text });
+        self.encrypt_content(conv, content, now_ms)
+    }
+
+    /// Encrypts a file message (its content carries the file's key) with the
+    /// outbound session of `conv`. Persist before it leaves, as for text.
+    pub fn encrypt_file(
+        &mut self,
+        conv: &ConversationId,
+        attachment: &Attachment,
+        now_ms: i64,
+    ) -> Result<OutgoingMessage, CryptoError> {
+        let content = attachment
+            .to_content()
+            .map_err(|e| CryptoError::MalformedPayload(e.to_string()))?;
+        self.encrypt_content(conv, content, now_ms)
+    }
+
+    fn encrypt_content(
+        &mut self,
+        conv: &ConversationId,
+        content: serde_json::Value,
+        now_ms: i64,
+    ) -> Result<OutgoingMessage, CryptoError> {
         let me = self.me.clone();
         let out = self
             .outbound
@@ -936,7 +966,7 @@ impl Machine {
             sender_user: me.user_id.to_string(),
             sender_device: me.device_id.to_string(),
             sent_at_ms: now_ms,
-            content: serde_json::json!({ "type": TEXT_CONTENT_TYPE, "text": text }),
+            content,
         };
         let plaintext = Zeroizing::new(
             serde_json::to_vec(&payload)
@@ -1114,17 +1144,28 @@ impl Machine {
             });
         }
         let kind = payload.content.get("type").and_then(|t| t.as_str());
-        if kind != Some(TEXT_CONTENT_TYPE) {
-            return Err(CryptoError::UnsupportedContent(format!(
-                "message content of type {kind:?}"
-            )));
-        }
-        let body = payload
-            .content
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| CryptoError::MalformedPayload("text message without text".into()))?
-            .to_owned();
+        let (body, attachment) = match kind {
+            Some(TEXT_CONTENT_TYPE) => {
+                let text = payload
+                    .content
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| {
+                        CryptoError::MalformedPayload("text message without text".into())
+                    })?;
+                (text.to_owned(), None)
+            }
+            Some(FILE_CONTENT_TYPE) => {
+                let attachment = Attachment::from_content(&payload.content)
+                    .map_err(|e| CryptoError::MalformedPayload(format!("file message: {e}")))?;
+                (attachment.name.clone(), Some(attachment))
+            }
+            _ => {
+                return Err(CryptoError::UnsupportedContent(format!(
+                    "message content of type {kind:?}"
+                )));
+            }
+        };
         inbound.seen.insert(index, msg.message_id);
         Ok(DecryptedMessage {
             conversation_id: msg.conversation_id,
@@ -1132,6 +1173,7 @@ impl Machine {
             sender_user: msg.sender.user_id.clone(),
             sender_device: msg.sender.device_id.clone(),
             body,
+            attachment,
             sent_at_ms: msg.sent_at_ms,
             claimed_sent_at_ms: payload.sent_at_ms,
         })

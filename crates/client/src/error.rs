@@ -4,11 +4,16 @@
 //! part of it that says why a key, a to-device message or a conversation
 //! message was refused; it is also carried by
 //! [`Event::Undecryptable`](crate::Event::Undecryptable), hence `Clone`.
+//! [`MediaError`] says why an attachment could not
+//! be sealed, trusted or opened (a tampered chunk, a truncated download, a
+//! file that changed during its upload).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use chappe_proto::ids::IdError;
+
+use crate::media::MediaError;
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,6 +54,21 @@ pub enum Error {
     /// A key, to-device message or conversation message was refused.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// An attachment failed a check: a chunk or the whole file does not
+    /// authenticate or hash to what its message says, the download is
+    /// incomplete, or the file changed while it was uploaded.
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    /// An upload stopped before its end (as
+    /// [`SendFileOptions::stop_after_chunks`](crate::SendFileOptions::stop_after_chunks)
+    /// asked, or after its last retry); the server holds `stored_chunks`
+    /// chunks. Sending the file again with the same upload id resumes it.
+    #[error("upload {upload_id} (media {media_id}) interrupted with {stored_chunks} chunks stored")]
+    UploadInterrupted {
+        upload_id: String,
+        media_id: String,
+        stored_chunks: u32,
+    },
     /// Another process holds this device's state directory.
     #[error("the state directory {0} is in use by another process")]
     Locked(PathBuf),

@@ -10,12 +10,33 @@
 //! - [`state`]: the device's state directory, encrypted at rest
 //!   (Argon2id + XChaCha20-Poly1305), written atomically, locked against a
 //!   second process;
-//! - `transport`: gRPC: login, unary calls, and the `Connect` stream task
-//!   with request/answer correlation, pushes, reconnection with backoff;
+//! - [`media`]: encrypted attachments: a fresh AES-256-GCM key per file,
+//!   chunks sealed as in the STREAM construction (reordering, dropping and
+//!   truncation are detected), per-chunk and whole-file SHA-256, and the
+//!   [`Attachment`] description that travels inside the Megolm message;
+//! - `transport`: gRPC: login, unary calls, the `Connect` stream task
+//!   with request/answer correlation, pushes, reconnection with backoff,
+//!   and the `Media` service's streaming calls;
 //! - [`Client`] (in `client`): the public API that ties them together:
 //!   sharing room keys before sending, processing room keys before messages,
 //!   persisting before any ciphertext leaves and before acknowledging;
 //! - [`error`]: one [`Error`] type with [`Result`].
+//!
+//! What a [`Client`] does:
+//! - log in, keep its device keys published, open the `Connect` stream
+//!   ([`Client::connect`]) and deliver [`Event`]s;
+//! - conversations: create, list, add and remove members, leave;
+//! - text messages ([`Client::send_text`]), sync and history, end-to-end
+//!   encrypted with Megolm over Olm-shared room keys;
+//! - files ([`Client::send_file`], [`Client::download`]): encrypted on the
+//!   device, uploaded chunk by chunk (never whole in memory), resumed
+//!   after a cut connection or a restart without resending what the server
+//!   holds, and verified chunk by chunk and whole before the plaintext
+//!   reaches its destination;
+//! - presence and typing: [`Client::presence`] of users sharing a
+//!   conversation, [`Event::PresenceChanged`] when it changes,
+//!   [`Client::set_typing`] and [`Event::Typing`],
+//!   [`Client::set_hide_last_seen`].
 //!
 //! ```no_run
 //! # async fn demo() -> chappe_client::Result<()> {
@@ -50,6 +71,7 @@ use tokio::sync::mpsc;
 mod client;
 pub mod crypto;
 pub mod error;
+pub mod media;
 pub mod state;
 mod transport;
 
@@ -57,7 +79,12 @@ pub use chappe_proto::ids::{self, DeviceId};
 pub use client::Client;
 pub use crypto::{DecryptedMessage, DeviceAddr, RotationPolicy};
 pub use error::{CryptoError, Error, Result};
+pub use media::{Attachment, MediaError, Progress, SendFileOptions, SentFile};
 pub use state::KdfParams;
+
+/// Room for a media chunk's framing (index, hash, protobuf tags) within
+/// [`ClientConfig::media_max_message_bytes`].
+const MEDIA_FRAME_OVERHEAD: usize = 1024;
 
 /// How to reach the server, where the device's state lives, and every limit
 /// the client applies. Build with [`ClientConfig::new`], then adjust fields.
@@ -126,6 +153,18 @@ pub struct ClientConfig {
     /// Source address of connections to the server (default: chosen by the
     /// system). A load generator spreads devices over 127.0.0.x with it.
     pub local_address: Option<std::net::IpAddr>,
+    /// Plaintext bytes per chunk of an encrypted file (default 256 KiB − 16
+    /// = 262,128, so that a sealed chunk, 16 bytes longer, is 256 KiB: the
+    /// server's default largest chunk). Between 1 and
+    /// `media_max_message_bytes` − 1,040.
+    pub media_chunk_bytes: usize,
+    /// Largest gRPC message of the `Media` service, sent or received
+    /// (default 1 MiB): a chunk plus its framing must fit.
+    pub media_max_message_bytes: usize,
+    /// Attempts of one upload or download, each resuming where the last
+    /// stopped, before a transient failure (`UNAVAILABLE`, a broken stream,
+    /// a timeout) is returned (default 5).
+    pub media_attempts: u32,
 }
 
 impl ClientConfig {
@@ -162,6 +201,9 @@ impl ClientConfig {
             outgoing_buffer: 256,
             lock_wait: Duration::from_secs(2),
             local_address: None,
+            media_chunk_bytes: media::DEFAULT_CHUNK_BYTES,
+            media_max_message_bytes: 1024 * 1024,
+            media_attempts: 5,
         }
     }
 
@@ -198,6 +240,23 @@ impl ClientConfig {
         if self.max_to_device_batch == 0 || self.event_buffer == 0 || self.outgoing_buffer == 0 {
             return bad("batch and buffer sizes must be at least 1");
         }
+        if self.media_max_message_bytes > u32::MAX as usize {
+            return bad("media_max_message_bytes must be below 4 GiB");
+        }
+        if self.media_chunk_bytes == 0
+            || self.media_chunk_bytes + media::TAG_BYTES + MEDIA_FRAME_OVERHEAD
+                > self.media_max_message_bytes
+        {
+            return Err(Error::Config(format!(
+                "media_chunk_bytes must be between 1 and media_max_message_bytes - {} ({})",
+                media::TAG_BYTES + MEDIA_FRAME_OVERHEAD,
+                self.media_max_message_bytes
+                    .saturating_sub(media::TAG_BYTES + MEDIA_FRAME_OVERHEAD)
+            )));
+        }
+        if self.media_attempts == 0 {
+            return bad("media_attempts must be at least 1");
+        }
         Ok(())
     }
 }
@@ -212,6 +271,7 @@ impl fmt::Debug for ClientConfig {
             .field("one_time_keys_target", &self.one_time_keys_target)
             .field("rotation", &self.rotation)
             .field("request_timeout", &self.request_timeout)
+            .field("media_chunk_bytes", &self.media_chunk_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -315,6 +375,76 @@ pub enum Event {
         sender: Option<DeviceAddr>,
         reason: CryptoError,
     },
+    /// A user sharing a conversation with us changed presence.
+    PresenceChanged(Presence),
+    /// A member of a conversation started or stopped typing. Show it for at
+    /// most `timeout` unless a newer event about them comes.
+    Typing {
+        conversation_id: ConversationId,
+        user_id: UserId,
+        typing: bool,
+        timeout: Duration,
+    },
+}
+
+/// Whether a user is around, as the server shows it to the users who share
+/// a conversation with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PresenceState {
+    /// A device is connected and was in use recently.
+    Online,
+    /// A device is connected, but none was in use recently.
+    Away,
+    /// No device is connected.
+    Offline,
+    /// The server did not say (or said something this client does not know).
+    Unknown,
+}
+
+impl PresenceState {
+    /// `online`, `away`, `offline` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Away => "away",
+            PresenceState::Offline => "offline",
+            PresenceState::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for PresenceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One user's presence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub user_id: UserId,
+    pub state: PresenceState,
+    /// When the user was last seen connected (milliseconds since the Unix
+    /// epoch); `None` when they hide it or the server does not know.
+    pub last_seen_ms: Option<u64>,
+}
+
+impl TryFrom<&pb::PresenceInfo> for Presence {
+    type Error = Error;
+
+    fn try_from(p: &pb::PresenceInfo) -> Result<Self> {
+        let state = match pb::PresenceState::try_from(p.state) {
+            Ok(pb::PresenceState::Online) => PresenceState::Online,
+            Ok(pb::PresenceState::Away) => PresenceState::Away,
+            Ok(pb::PresenceState::Offline) => PresenceState::Offline,
+            _ => PresenceState::Unknown,
+        };
+        Ok(Presence {
+            user_id: UserId::parse(p.user_id.as_str())?,
+            state,
+            last_seen_ms: (p.last_seen_ms > 0).then_some(p.last_seen_ms),
+        })
+    }
 }
 
 /// The stream of [`Event`]s of a connected client (see [`Client::connect`]).
@@ -357,5 +487,48 @@ mod tests {
         let mut bad = config.clone();
         bad.one_time_keys_target = 0;
         assert!(matches!(bad.validate(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn media_limits_are_validated() {
+        let config = ClientConfig::new("http://127.0.0.1:1", "/tmp/x", "pw");
+        assert_eq!(config.media_chunk_bytes + media::TAG_BYTES, 256 * 1024);
+        for chunk in [0, 1024 * 1024, config.media_max_message_bytes] {
+            let mut bad = config.clone();
+            bad.media_chunk_bytes = chunk;
+            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{chunk}");
+        }
+        let mut small = config.clone();
+        small.media_chunk_bytes = 1;
+        assert!(small.validate().is_ok());
+        let mut bad = config;
+        bad.media_attempts = 0;
+        assert!(matches!(bad.validate(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn presence_converts_from_the_wire() {
+        let p = Presence::try_from(&pb::PresenceInfo {
+            user_id: "bob".into(),
+            state: pb::PresenceState::Away as i32,
+            last_seen_ms: 0,
+        })
+        .unwrap();
+        assert_eq!(p.state, PresenceState::Away);
+        assert_eq!(p.last_seen_ms, None);
+        let p = Presence::try_from(&pb::PresenceInfo {
+            user_id: "bob".into(),
+            state: 42,
+            last_seen_ms: 7,
+        })
+        .unwrap();
+        assert_eq!((p.state, p.last_seen_ms), (PresenceState::Unknown, Some(7)));
+        assert!(
+            Presence::try_from(&pb::PresenceInfo {
+                user_id: "not a user".into(),
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

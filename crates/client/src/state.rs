@@ -7,8 +7,9 @@
 //! - `kdf.json`: the random salt and the Argon2id parameters the key was
 //!   derived with (not secret);
 //! - `state.bin`: everything else (pickles, known devices, cursors, token,
-//!   server URL) serialized as JSON and encrypted whole with
-//!   XChaCha20-Poly1305 under the passphrase-derived key.
+//!   server URL, the media ids and keys of unfinished uploads) serialized
+//!   as JSON and encrypted whole with XChaCha20-Poly1305 under the
+//!   passphrase-derived key.
 //!
 //! Writes are atomic: a temporary file is written and fsynced, renamed over
 //! the old one, and the directory is fsynced.
@@ -360,6 +361,44 @@ pub struct StateData {
     pub processed_inbox: VecDeque<String>,
     /// Message ids already delivered to the application (most recent last).
     pub seen_messages: VecDeque<String>,
+    /// Uploads started and not yet sent in a message, to resume them
+    /// (absent from states written before attachments existed).
+    #[serde(default)]
+    pub uploads: Vec<UploadRecord>,
+}
+
+/// An unfinished upload: enough to resume it with the same media id and
+/// key. Kept until the message carrying the file is sent.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// The caller's name for the upload (default: conversation and path).
+    pub upload_id: String,
+    pub conversation_id: String,
+    pub media_id: String,
+    /// The file key, base64. Zeroed when the record is dropped.
+    pub key: String,
+    /// Plaintext bytes and plaintext bytes per chunk.
+    pub size: u64,
+    pub chunk_bytes: u32,
+    /// SHA-256 of the whole ciphertext, base64: a file that no longer
+    /// seals to it is uploaded afresh under a new id and key.
+    pub sha256: String,
+    pub created_at_ms: i64,
+}
+
+impl Drop for UploadRecord {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+impl std::fmt::Debug for UploadRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadRecord")
+            .field("upload_id", &self.upload_id)
+            .field("media_id", &self.media_id)
+            .finish_non_exhaustive()
+    }
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -529,6 +568,7 @@ mod tests {
             membership_seq: BTreeMap::new(),
             processed_inbox: VecDeque::new(),
             seen_messages: VecDeque::new(),
+            uploads: Vec::new(),
         };
         store.save_json(&data).unwrap();
         let file = fs::read(tmp.path().join(STATE_FILE)).unwrap();

@@ -13,6 +13,10 @@
 //! exponential backoff and jitter, reconnects and reports [`Push::Connected`]
 //! (the client then syncs). `FrameError`s and statuses become
 //! [`Error::Status`] with the gRPC code and retry-after.
+//!
+//! The `Media` service (attachment chunks) is served on the same channel
+//! with the same bearer token; its client accepts larger messages
+//! (`media_max_message_bytes`) than `Connect`'s frames.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +25,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chappe_proto::v1::{
-    self as pb, auth_client::AuthClient, client_frame, gateway_client::GatewayClient, server_frame,
+    self as pb, auth_client::AuthClient, client_frame, gateway_client::GatewayClient,
+    media_client::MediaClient, server_frame,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout, timeout_at};
@@ -44,6 +49,8 @@ pub(crate) struct TransportConfig {
     pub ping_interval: Duration,
     pub outgoing_buffer: usize,
     pub local_address: Option<std::net::IpAddr>,
+    /// Largest gRPC message of the `Media` service, either way.
+    pub media_max_message_bytes: usize,
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -64,6 +71,7 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 pub(crate) type Gateway = GatewayClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Media = MediaClient<InterceptedService<Channel, Bearer>>;
 
 /// The channels (one per gateway URL), the token, and unary calls.
 pub(crate) struct Rpc {
@@ -199,7 +207,7 @@ impl Rpc {
 
     /// Logs in again unless another task just did (the token changed since
     /// `stale` was read).
-    async fn relogin(&self, stale: Option<String>) -> Result<()> {
+    pub async fn relogin(&self, stale: Option<String>) -> Result<()> {
         let _guard = self.relogin_lock.lock().await;
         let current = self.token().map(|t| t.token);
         if current != stale {
@@ -218,11 +226,52 @@ impl Rpc {
         )
     }
 
+    /// A client of the `Media` service of the gateway in use, and its index.
+    pub fn media(&self) -> (usize, Media) {
+        let (i, channel) = self.channel();
+        let limit = self.config.media_max_message_bytes;
+        (
+            i,
+            MediaClient::with_interceptor(channel, self.bearer.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+    }
+
+    /// `Media.Status` of one of this user's uploads.
+    pub async fn media_status(&self, media_id: &str) -> Result<pb::MediaInfo> {
+        let req = pb::MediaStatusRequest {
+            media_id: media_id.to_owned(),
+        };
+        self.unary(
+            req,
+            Self::media,
+            |mut m, r| async move { m.status(r).await },
+        )
+        .await
+    }
+
     /// One unary call with a deadline; re-logs in once on `UNAUTHENTICATED`.
     pub async fn call<Req, Resp, F, Fut>(&self, req: Req, f: F) -> Result<Resp>
     where
         Req: Clone,
         F: Fn(Gateway, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.unary(req, Self::gateway, f).await
+    }
+
+    /// One unary call on a client made by `client`, with a deadline;
+    /// re-logs in once on `UNAUTHENTICATED`.
+    async fn unary<C, Req, Resp, F, Fut>(
+        &self,
+        req: Req,
+        client: fn(&Self) -> (usize, C),
+        f: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let limit = self.config.request_timeout;
@@ -231,7 +280,7 @@ impl Rpc {
             let used = self.token().map(|t| t.token);
             let mut request = tonic::Request::new(req.clone());
             request.set_timeout(limit);
-            let (gateway_index, gateway) = self.gateway();
+            let (gateway_index, gateway) = client(self);
             match timeout(limit, f(gateway, request)).await {
                 Err(_) => {
                     self.fail_over(gateway_index);
@@ -327,6 +376,10 @@ pub(crate) enum Push {
     ConversationChanged(pb::Conversation),
     /// A user we share a conversation with changed devices.
     DeviceListChanged(String),
+    /// A user we share a conversation with changed presence.
+    PresenceChanged(pb::PresenceInfo),
+    /// A member of one of our conversations is typing (or stopped).
+    Typing(pb::TypingEvent),
 }
 
 type Answer = Result<server_frame::Body>;
@@ -625,6 +678,16 @@ fn route(
         }
         Body::DeviceListChanged(d) => {
             if push.send(Push::DeviceListChanged(d.user_id)).is_err() {
+                return Some(End::Shutdown);
+            }
+        }
+        Body::PresenceChanged(p) => {
+            if push.send(Push::PresenceChanged(p)).is_err() {
+                return Some(End::Shutdown);
+            }
+        }
+        Body::Typing(t) => {
+            if push.send(Push::Typing(t)).is_err() {
                 return Some(End::Shutdown);
             }
         }

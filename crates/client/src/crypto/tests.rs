@@ -791,3 +791,42 @@ fn garbage_gives_errors_never_panics() {
             .is_err()
     );
 }
+
+#[test]
+fn file_messages_carry_their_attachment_and_text_messages_none() {
+    use crate::media::{Attachment, Layout, MediaKey, random_media_id};
+    let mut w = World::new();
+    let mut a1 = w.device("alice", "A1");
+    let mut b1 = w.device("bob", "B1");
+    let conv = ConversationId::random();
+    let members = ["alice", "bob"];
+    let text = w.send(&mut a1, &conv, &members, "here comes a file");
+    w.deliver_ok(&mut b1);
+    let got = read(&mut b1, &text).unwrap();
+    assert_eq!(got.attachment, None);
+
+    let layout = Layout::new(1000, 256).unwrap();
+    let attachment = Attachment::new(
+        random_media_id(),
+        "report.pdf".into(),
+        layout,
+        MediaKey::random(),
+        [9; 32],
+    )
+    .unwrap();
+    let out = a1.encrypt_file(&conv, &attachment, w.now).unwrap();
+    let msg = pb::Message {
+        conversation_id: conv.to_string(),
+        message_id: w.ids.next().to_string(),
+        sender: Some(a1.me().to_proto()),
+        client_msg_id: "file1".into(),
+        ciphertext: out.ciphertext,
+        session_id: out.session_id,
+        sent_at_ms: w.now,
+    };
+    let got = read(&mut b1, &msg).unwrap();
+    assert_eq!(got.body, "report.pdf");
+    assert_eq!(got.attachment.as_ref(), Some(&attachment));
+    // The sender reads its own file message too.
+    assert_eq!(read(&mut a1, &msg).unwrap().attachment, Some(attachment));
+}
