@@ -4,15 +4,24 @@
 //! A profile is a device's encrypted state directory,
 //! `$CHAPPE_HOME/profiles/<profile>` (`~/.chappe` by default), unlocked by
 //! `CHAPPE_PASSPHRASE`. One process at a time may use a profile.
+//!
+//! Files: `send-file` encrypts and uploads a file with a progress bar
+//! (resuming a cut upload of the same file to the same conversation), and
+//! `download` finds the file's message, downloads, verifies and decrypts
+//! it. `presence` shows who is around and sets whether others see one's
+//! last-seen time.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use chappe_client::ids::{ConversationId, UserId};
-use chappe_client::{Client, ClientConfig, ConversationKind, DecryptedMessage, Event};
-use clap::{Args, Parser, Subcommand};
+use chappe_client::ids::{ConversationId, MessageId, UserId};
+use chappe_client::{
+    Client, ClientConfig, ConversationKind, DecryptedMessage, Event, Progress, SendFileOptions,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
 
 use crate::platform::{BusChoice, Platform, PlatformConfig};
@@ -49,7 +58,36 @@ pub enum Command {
     Chat(ChatArgs),
     /// Print a conversation's latest messages, decrypted.
     History(HistoryArgs),
+    /// Encrypt a file on this device and send it to a conversation; prints
+    /// `sent <message-id> media <media-id> (...)`. Running it again for the
+    /// same file and conversation resumes an upload that was cut, without
+    /// resending what the server stored.
+    SendFile(SendFileArgs),
+    /// Download a file sent in a conversation, verify and decrypt it.
+    #[command(long_about = DOWNLOAD_HELP)]
+    Download(DownloadArgs),
+    /// Show users' presence: online, away or offline, and when they were
+    /// last seen (only users who share a conversation with you appear;
+    /// others show as unknown). Also hides or shows your last-seen time.
+    Presence(PresenceArgs),
 }
+
+const DOWNLOAD_HELP: &str = "\
+Download a file sent in a conversation, verify and decrypt it.
+
+ID is the message id that `chappe send-file` printed (and that `listen`,
+`chat` and `history` show for a file), or the file's media id. The file's
+key travels only inside that end-to-end-encrypted message, so the message is
+looked up: first among what a sync brings (which also fetches pending room
+keys), then by message id in each of your conversations (or only in
+--conversation), then, for a media id, among the latest --search messages of
+each.
+
+DEST is a file path, or an existing directory to save the file in under the
+name its sender gave. The file is written to a hidden temporary file beside
+DEST and renamed to DEST only once every chunk and the whole file verified;
+an existing DEST is replaced only with --force. The file is readable by its
+owner only.";
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -163,6 +201,64 @@ pub struct HistoryArgs {
     pub limit: usize,
 }
 
+#[derive(Debug, Args)]
+pub struct SendFileArgs {
+    #[command(flatten)]
+    pub profile: Profile,
+    pub conversation: String,
+    /// The file to send.
+    pub path: PathBuf,
+    /// No progress bar (there is none either when stdout is not a terminal).
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Testing aid: cut the upload after this many chunks, as a lost
+    /// connection would (exit 1); the next run resumes it.
+    #[arg(long, hide = true)]
+    pub stop_after_chunks: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub profile: Profile,
+    /// The message id of the file's message, or the file's media id.
+    pub id: String,
+    /// Where to save it: a file path, or an existing directory.
+    pub dest: PathBuf,
+    /// Look for the message only in this conversation.
+    #[arg(long)]
+    pub conversation: Option<String>,
+    /// For a media id: how many of each conversation's latest messages to
+    /// look through.
+    #[arg(long, default_value_t = 1000)]
+    pub search: usize,
+    /// Replace DEST if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar (there is none either when stdout is not a terminal).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    #[command(flatten)]
+    pub profile: Profile,
+    /// The users to show.
+    #[arg(required_unless_present = "hide_last_seen")]
+    pub users: Vec<String>,
+    /// Hide your last-seen time from others (on), or show it again (off).
+    #[arg(long, value_name = "on|off")]
+    pub hide_last_seen: Option<OnOff>,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 impl Profile {
     fn state_dir(&self) -> Result<PathBuf> {
         let home = match &self.home {
@@ -212,12 +308,231 @@ fn conversation(id: &str) -> Result<ConversationId> {
 
 fn print_message(m: &DecryptedMessage) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "<{}> {}/{}: {}",
-        m.conversation_id, m.sender_user, m.sender_device, m.body
-    );
+    let _ = match &m.attachment {
+        None => writeln!(
+            out,
+            "<{}> {}/{}: {}",
+            m.conversation_id, m.sender_user, m.sender_device, m.body
+        ),
+        Some(file) => writeln!(
+            out,
+            "<{}> {}/{}: [file {:?}, {} bytes; chappe download {} DEST]",
+            m.conversation_id, m.sender_user, m.sender_device, file.name, file.size, m.message_id
+        ),
+    };
     let _ = out.flush();
+}
+
+/// A byte progress bar on stderr, hidden with `--quiet` or when stdout is
+/// not a terminal.
+fn progress_bar(quiet: bool, total: u64, what: &str) -> ProgressBar {
+    if quiet || !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn show_progress(bar: &ProgressBar) -> impl Fn(Progress) + '_ {
+    move |p: Progress| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+    }
+}
+
+async fn send_file(args: SendFileArgs) -> Result<()> {
+    let client = args.profile.open().await?;
+    let id = conversation(&args.conversation)?;
+    let size = tokio::fs::metadata(&args.path)
+        .await
+        .with_context(|| format!("cannot read {}", args.path.display()))?
+        .len();
+    let bar = progress_bar(args.quiet, size, "uploading");
+    let options = SendFileOptions {
+        upload_id: None,
+        stop_after_chunks: args.stop_after_chunks,
+    };
+    let sent = client
+        .send_file_with(&id, &args.path, options, show_progress(&bar))
+        .await;
+    bar.finish_and_clear();
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(e @ chappe_client::Error::UploadInterrupted { .. }) => {
+            bail!("{e}; run the same command again to resume the upload")
+        }
+        Err(e) if e.is_retryable() => {
+            return Err(e).with_context(|| {
+                format!(
+                    "{} not sent; run the same command again to resume the upload",
+                    args.path.display()
+                )
+            });
+        }
+        Err(e) => return Err(e).with_context(|| format!("{} not sent", args.path.display())),
+    };
+    println!(
+        "sent {} media {} ({} chunks sent, {} already stored)",
+        sent.sent.message_id, sent.media_id, sent.chunks_sent, sent.chunks_skipped
+    );
+    Ok(())
+}
+
+/// The message carrying the file `id` (a message id or a media id); see
+/// `DOWNLOAD_HELP`.
+async fn find_file(
+    client: &Client,
+    id: &str,
+    only: Option<ConversationId>,
+    search: usize,
+) -> Result<DecryptedMessage> {
+    let Ok(message_id) = MessageId::parse(id) else {
+        bail!("{id:?} is neither a message id nor a media id (32 lowercase hex digits)");
+    };
+    let matches = |m: &DecryptedMessage| {
+        only.is_none_or(|c| c == m.conversation_id)
+            && (m.message_id == message_id
+                || m.attachment.as_ref().is_some_and(|a| a.media_id == id))
+    };
+    // A sync fetches pending room keys, and brings messages not seen yet.
+    for event in client.sync().await.context("sync failed")? {
+        if let Event::Message(m) = event
+            && matches(&m)
+        {
+            return Ok(m);
+        }
+    }
+    let conversations = match only {
+        Some(c) => vec![c],
+        None => client
+            .conversations()
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect(),
+    };
+    for c in &conversations {
+        let found = client
+            .message(c, &message_id)
+            .await
+            .with_context(|| format!("message {id} cannot be read"))?;
+        if let Some(m) = found {
+            return Ok(m);
+        }
+    }
+    if search > 0 {
+        for c in &conversations {
+            if let Some(m) = client.history(c, search).await?.into_iter().find(&matches) {
+                return Ok(m);
+            }
+        }
+    }
+    bail!(
+        "no message or file {id} in your conversations (looked through the latest {search} messages of each)"
+    )
+}
+
+/// The last component of a sender-given name, if it is a usable file name.
+fn safe_file_name(name: &str) -> Option<&str> {
+    let base = name.rsplit(['/', '\\']).next()?;
+    let bad = base.is_empty() || base == "." || base == ".." || base.chars().any(char::is_control);
+    (!bad).then_some(base)
+}
+
+async fn download(args: DownloadArgs) -> Result<()> {
+    let client = args.profile.open().await?;
+    let only = args.conversation.as_deref().map(conversation).transpose()?;
+    let message = find_file(&client, &args.id, only, args.search).await?;
+    let Some(file) = &message.attachment else {
+        bail!("message {} is not a file", message.message_id);
+    };
+    let dest = if args.dest.is_dir() {
+        let Some(name) = safe_file_name(&file.name) else {
+            bail!(
+                "the file's name {:?} cannot be used here; give DEST as a file path",
+                file.name
+            );
+        };
+        args.dest.join(name)
+    } else {
+        args.dest.clone()
+    };
+    if !args.force && tokio::fs::symlink_metadata(&dest).await.is_ok() {
+        bail!("{} exists; pass --force to replace it", dest.display());
+    }
+    let bar = progress_bar(args.quiet, file.size, "downloading");
+    let done = client.download(file, &dest, show_progress(&bar)).await;
+    bar.finish_and_clear();
+    done.with_context(|| format!("{:?} not downloaded", file.name))?;
+    println!(
+        "downloaded {:?} ({} bytes) from {}/{} to {}",
+        file.name,
+        file.size,
+        message.sender_user,
+        message.sender_device,
+        dest.display()
+    );
+    Ok(())
+}
+
+async fn presence(args: PresenceArgs) -> Result<()> {
+    let client = args.profile.open().await?;
+    if let Some(switch) = args.hide_last_seen {
+        let hide = switch == OnOff::On;
+        client.set_hide_last_seen(hide).await?;
+        println!(
+            "your last-seen time is {}",
+            if hide { "hidden" } else { "shown" }
+        );
+    }
+    let users = args
+        .users
+        .iter()
+        .map(|u| UserId::parse(u.as_str()).with_context(|| format!("{u:?} is not a user id")))
+        .collect::<Result<Vec<_>>>()?;
+    if users.is_empty() {
+        return Ok(());
+    }
+    let known = client.presence(&users).await?;
+    let mut out = std::io::stdout().lock();
+    for user in &users {
+        match known.iter().find(|p| &p.user_id == user) {
+            Some(p) => match p.last_seen_ms {
+                Some(ms) => writeln!(out, "{user}  {}  last seen {}", p.state, utc(ms))?,
+                None => writeln!(out, "{user}  {}", p.state)?,
+            },
+            None => writeln!(out, "{user}  unknown")?,
+        }
+    }
+    Ok(())
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Runs one command to completion.
@@ -287,6 +602,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::SendFile(args) => send_file(args).await,
+        Command::Download(args) => download(args).await,
+        Command::Presence(args) => presence(args).await,
     }
 }
 
@@ -302,6 +620,15 @@ fn show(event: Event, only: Option<&ConversationId>) {
             eprintln!("<{conversation_id}> message {message_id} cannot be decrypted yet: {reason}");
         }
         Event::Disconnected { reason } => eprintln!("disconnected ({reason}); reconnecting"),
+        Event::Typing {
+            conversation_id,
+            user_id,
+            typing: true,
+            ..
+        } if only.is_none_or(|c| *c == conversation_id) => {
+            eprintln!("<{conversation_id}> {user_id} is typing");
+        }
+        Event::PresenceChanged(p) => eprintln!("{} is {}", p.user_id, p.state),
         _ => {}
     }
 }
@@ -389,4 +716,78 @@ async fn up(args: UpArgs) -> Result<()> {
     telemetry.shutdown().await;
     stopped?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_764_583_445_123), "2025-12-01T10:04:05Z");
+    }
+
+    #[test]
+    fn sender_file_names_are_sanitized() {
+        assert_eq!(safe_file_name("report.pdf"), Some("report.pdf"));
+        assert_eq!(safe_file_name("../../etc/passwd"), Some("passwd"));
+        assert_eq!(safe_file_name("a\\b.txt"), Some("b.txt"));
+        for bad in ["", "..", "dir/", "x\nx"] {
+            assert_eq!(safe_file_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_verbs_parse() {
+        let cli = Cli::try_parse_from([
+            "chappe",
+            "--passphrase",
+            "pw",
+            "presence",
+            "--hide-last-seen",
+            "on",
+        ]);
+        // --passphrase belongs to the subcommand.
+        assert!(cli.is_err());
+        let cli =
+            Cli::try_parse_from(["chappe", "presence", "--passphrase", "pw", "alice"]).unwrap();
+        assert!(matches!(cli.command, Command::Presence(ref a) if a.users == ["alice"]));
+        let cli = Cli::try_parse_from([
+            "chappe",
+            "presence",
+            "--passphrase",
+            "pw",
+            "--hide-last-seen",
+            "on",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Presence(ref a) if a.hide_last_seen == Some(OnOff::On))
+        );
+        assert!(Cli::try_parse_from(["chappe", "presence", "--passphrase", "pw"]).is_err());
+        let cli = Cli::try_parse_from([
+            "chappe",
+            "send-file",
+            "--passphrase",
+            "pw",
+            "c0",
+            "/tmp/f",
+            "--quiet",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::SendFile(ref a) if a.quiet));
+        let cli = Cli::try_parse_from([
+            "chappe",
+            "download",
+            "--passphrase",
+            "pw",
+            "0123",
+            "out",
+            "--force",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Download(ref a) if a.force && a.search == 1000));
+    }
 }

@@ -6,7 +6,8 @@
 //!   start);
 //! - [`cli`]: the command line: `up`, and the client verbs a person uses
 //!   (`login`, `create`, `conversations`, `send`, `listen`, `chat`,
-//!   `history`) on top of the client SDK.
+//!   `history`, `send-file`, `download`, `presence`) on top of the client
+//!   SDK.
 
 pub mod cli;
 pub mod platform;

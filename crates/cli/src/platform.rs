@@ -1,6 +1,8 @@
 //! One process, every service: the embedded store (SQLite), the in-process
-//! bus, keydir, fanout and the gateway, built from the same libraries that
-//! run as separate processes in a cluster.
+//! bus, keydir, fanout, presence, media and the gateway, built from the same
+//! libraries that run as separate processes in a cluster. Presence records
+//! live in memory on the in-process bus, in a JetStream key-value bucket on
+//! NATS.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,10 @@ use chappe_bus::{Bus, Subjects};
 use chappe_fanout::{Fanout, FanoutConfig};
 use chappe_gateway::{DevIdentityProvider, Gateway, GatewayConfig, SessionKeys};
 use chappe_keydir::KeydirConfig;
+use chappe_media::{Media, MediaConfig, SystemClock};
+use chappe_presence::{
+    KvPresenceStore, MemoryPresenceStore, Presence, PresenceConfig, PresenceStore,
+};
 use chappe_storage::EmbeddedStore;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +43,8 @@ pub struct PlatformConfig {
     pub gateway: GatewayConfig,
     pub fanout: FanoutConfig,
     pub keydir: KeydirConfig,
+    pub presence: PresenceConfig,
+    pub media: MediaConfig,
 }
 
 impl PlatformConfig {
@@ -48,6 +56,8 @@ impl PlatformConfig {
             gateway: GatewayConfig::default(),
             fanout: FanoutConfig::default(),
             keydir: KeydirConfig::default(),
+            presence: PresenceConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -66,6 +76,8 @@ pub enum Error {
     Bus(#[from] chappe_bus::Error),
     #[error("gateway: {0}")]
     Gateway(#[from] chappe_gateway::Error),
+    #[error("presence store: {0}")]
+    Presence(#[from] chappe_presence::StoreError),
 }
 
 /// A running platform.
@@ -78,6 +90,8 @@ pub struct Platform {
     bus: Arc<dyn Bus>,
     keydir: RunningServer,
     fanout: Fanout,
+    presence: Presence,
+    media: Media,
     gateway: JoinHandle<Result<(), chappe_gateway::Error>>,
     stop_gateway: oneshot::Sender<()>,
 }
@@ -104,7 +118,13 @@ impl Platform {
                 let mut nats = (**nats).clone();
                 nats.prefix = config.subjects_prefix.clone();
                 let bus = NatsBus::connect(nats).await?;
-                Self::start_on(config, None, Arc::new(bus)).await
+                let presence = KvPresenceStore::open(
+                    &bus,
+                    KvPresenceStore::DEFAULT_BUCKET,
+                    config.presence.record_ttl(),
+                )
+                .await?;
+                Self::start_with(config, None, Arc::new(bus), Arc::new(presence)).await
             }
         }
     }
@@ -116,6 +136,16 @@ impl Platform {
         config: PlatformConfig,
         memory: Option<MemoryBus>,
         shared_bus: Arc<dyn Bus>,
+    ) -> Result<Self, Error> {
+        let presence = MemoryPresenceStore::new(config.presence.record_ttl());
+        Self::start_with(config, memory, shared_bus, Arc::new(presence)).await
+    }
+
+    async fn start_with(
+        config: PlatformConfig,
+        memory: Option<MemoryBus>,
+        shared_bus: Arc<dyn Bus>,
+        presence_store: Arc<dyn PresenceStore>,
     ) -> Result<Self, Error> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
             path: config.data_dir.clone(),
@@ -136,6 +166,22 @@ impl Platform {
             Arc::new(store.clone()),
             shared_bus.clone(),
             subjects.clone(),
+        )
+        .await?;
+        let presence = Presence::start(
+            config.presence.clone(),
+            presence_store,
+            Arc::new(store.clone()),
+            shared_bus.clone(),
+            subjects.clone(),
+        )
+        .await?;
+        let media = Media::start(
+            config.media.clone(),
+            Arc::new(store.clone()),
+            shared_bus.clone(),
+            subjects.clone(),
+            Arc::new(SystemClock),
         )
         .await?;
         let gateway = Gateway::bind(
@@ -161,6 +207,8 @@ impl Platform {
             bus: shared_bus,
             keydir,
             fanout,
+            presence,
+            media,
             gateway,
             stop_gateway,
         })
@@ -189,8 +237,8 @@ impl Platform {
         chappe_fanout::readiness(Arc::new(self.store.clone()), self.bus.clone())
     }
 
-    /// Drains the gateway (clients are told to go), then stops fanout and
-    /// keydir after the requests they hold.
+    /// Drains the gateway (clients are told to go), then stops the services
+    /// after the requests they hold.
     pub async fn shutdown(self) -> Result<(), Error> {
         let _ = self.stop_gateway.send(());
         let gateway = match self.gateway.await {
@@ -200,6 +248,8 @@ impl Platform {
                 Ok(())
             }
         };
+        self.media.stop().await;
+        self.presence.stop().await;
         self.fanout.stop().await;
         self.keydir.stop().await;
         gateway

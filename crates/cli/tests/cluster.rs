@@ -1,7 +1,9 @@
-//! Chappe as a deployment runs it: keydir, two fanouts and two gateways,
-//! each in its own OS process, over a real nats-server with JetStream, on
-//! one shared store file. The messaging-core scenarios pass there, and
-//! nothing acknowledged is lost when fanouts, gateways or NATS die.
+//! Chappe as a deployment runs it: keydir, presence, media, two fanouts and
+//! two gateways, each in its own OS process, over a real nats-server with
+//! JetStream, on one shared store file. The messaging-core, presence and
+//! media scenarios pass there, nothing acknowledged is lost when fanouts,
+//! gateways or NATS die, and the users of a killed gateway go offline
+//! within presence's ttl.
 
 mod common;
 
@@ -15,7 +17,7 @@ use chappe_client::{Client, ClientConfig, ConversationKind, Event, Events};
 use chappe_storage::MessageRepo as _;
 use chappe_testkit::cluster::ClusterConfig;
 use common::scenarios;
-use common::{Deployment, TestCluster, client_config};
+use common::{Deployment, TestCluster, client_config, presence_media};
 
 /// Senders are not rate-limited here: the point is volume.
 fn unlimited() -> ClusterConfig {
@@ -397,5 +399,85 @@ async fn a_nats_restart_mid_run_loses_nothing_and_stores_retries_once() {
         .await
         .unwrap();
     assert_eq!(stored.len(), COUNT, "retried sends stored once");
+    cluster.cluster.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_typing_and_media_pass_with_every_service_in_its_own_process() {
+    let cluster = TestCluster::start();
+    presence_media::presence_typing_and_privacy(&cluster).await;
+    presence_media::file_travels_encrypted_and_resumes(&cluster, 50 * 1024 * 1024).await;
+    cluster.cluster.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_users_of_a_killed_gateway_go_offline_within_the_presence_ttl() {
+    const TTL: Duration = Duration::from_secs(3);
+    const SWEEP: Duration = Duration::from_millis(200);
+    let mut cluster = TestCluster::start_with(ClusterConfig {
+        env: vec![
+            ("CHAPPE_PRESENCE_TTL_MS".into(), TTL.as_millis().to_string()),
+            (
+                "CHAPPE_PRESENCE_SWEEP_MS".into(),
+                SWEEP.as_millis().to_string(),
+            ),
+            ("CHAPPE_PRESENCE_HEARTBEAT_MS".into(), "500".into()),
+        ],
+        ..ClusterConfig::default()
+    });
+    let urls = cluster.gateway_urls();
+    // alice only knows gateway 0 (she cannot move away when it dies); bob
+    // is on gateway 1.
+    let only = |i: usize, name: &str| {
+        let mut config = client_config(&cluster, name);
+        config.server_url = urls[i].clone();
+        config.failover_urls = Vec::new();
+        config
+    };
+    let alice = Client::login_dev(only(0, "alice"), "alice", "phone")
+        .await
+        .unwrap();
+    alice
+        .create_conversation(ConversationKind::Direct, &[UserId::parse("bob").unwrap()])
+        .await
+        .unwrap();
+    let bob = Client::login_dev(only(1, "bob"), "bob", "laptop")
+        .await
+        .unwrap();
+    let mut bob = scenarios::Device {
+        events: bob.connect().await.unwrap(),
+        client: bob,
+        received: Vec::new(),
+    };
+    let _alice_events = alice.connect().await.unwrap();
+    let (state, _) =
+        presence_media::presence_of(&mut bob, "alice", presence_media::ONLINE_WITHIN).await;
+    assert_eq!(state, chappe_client::PresenceState::Online);
+    // Heartbeats keep her online past the ttl.
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let seen = bob
+        .client
+        .presence(&[UserId::parse("alice").unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(seen[0].state, chappe_client::PresenceState::Online);
+
+    let killed = std::time::Instant::now();
+    cluster.cluster.kill_gateway(0);
+    let (state, at) = presence_media::presence_of(&mut bob, "alice", TTL * 3).await;
+    let took = at - killed;
+    assert_eq!(state, chappe_client::PresenceState::Offline);
+    // Not from a disconnection (the gateway said nothing): from the ttl,
+    // counted from her last heartbeat (at most 500 ms before the kill),
+    // and announced by the next sweep.
+    assert!(
+        took >= TTL - Duration::from_millis(700),
+        "offline after {took:?}"
+    );
+    assert!(
+        took <= TTL + SWEEP * 2 + Duration::from_millis(300),
+        "offline after {took:?}"
+    );
+    drop(alice);
     cluster.cluster.stop();
 }

@@ -3,6 +3,7 @@
 //! clients for poking at it, and the scenarios both must pass.
 #![allow(dead_code)]
 
+pub mod presence_media;
 pub mod proxy;
 pub mod scenarios;
 
