@@ -49,6 +49,51 @@ pub struct Service {
     clock: Arc<dyn Clock>,
     access: AccessCache,
     begin_order: Vec<tokio::sync::Mutex<()>>,
+    running: RunningHashes,
+}
+
+/// Uploads whose whole-ciphertext hash this process computes as their
+/// chunks are stored, so that the last chunk does not read the whole object
+/// back (for 2 GiB, seconds under the gateway's call timeout). Best effort:
+/// an upload whose chunks went partly to another media process, or that
+/// outlived this one, is hashed by reading it back instead.
+#[derive(Default)]
+struct RunningHashes {
+    uploads: std::sync::Mutex<std::collections::HashMap<String, (u32, Sha256)>>,
+}
+
+/// Uploads hashed as they go at once; more are hashed at the end.
+const MAX_RUNNING_HASHES: usize = 4_096;
+
+impl RunningHashes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u32, Sha256)>> {
+        self.uploads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Chunk `index` of `id` was just stored with `data`.
+    fn stored(&self, id: &str, index: u32, data: &[u8]) {
+        let mut uploads = self.lock();
+        if index == 0 {
+            if uploads.len() >= MAX_RUNNING_HASHES && !uploads.contains_key(id) {
+                return;
+            }
+            let mut hasher = Sha256::new();
+            hasher.update(data);
+            uploads.insert(id.to_owned(), (1, hasher));
+        } else if let Some((next, hasher)) = uploads.get_mut(id) {
+            if *next == index {
+                hasher.update(data);
+                *next += 1;
+            }
+        }
+    }
+
+    /// The hash of `id`'s first `count` chunks, if they all went through
+    /// here in order; forgets `id` either way.
+    fn take(&self, id: &str, count: u32) -> Option<Vec<u8>> {
+        let (next, hasher) = self.lock().remove(id)?;
+        (next == count).then(|| hasher.finalize().to_vec())
+    }
 }
 
 /// An `rpc::Server` with one route per [`MediaMethod`], in queue group
@@ -103,6 +148,7 @@ impl Service {
             begin_order: (0..BEGIN_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            running: RunningHashes::default(),
         }
     }
 
@@ -222,8 +268,14 @@ impl Service {
             sha256: chunk.sha256,
             data: chunk.data,
         };
+        // Kept for the running hash only when the store took it.
+        let data = row.data.clone();
         let stored_chunks = match self.store.put_chunk(row).await? {
-            PutChunk::Stored { stored } | PutChunk::Unchanged { stored } => stored,
+            PutChunk::Stored { stored } => {
+                self.running.stored(id.as_str(), index, &data);
+                stored
+            }
+            PutChunk::Unchanged { stored } => stored,
             PutChunk::Conflict { stored } => {
                 return Err(Error::ChunkDiffers {
                     media: id.to_string(),
@@ -429,22 +481,30 @@ impl Service {
         })
     }
 
-    /// Every chunk of `stored` is stored: hashes the whole ciphertext,
-    /// reading the chunks back one at a time, and marks the object complete
+    /// Every chunk of `stored` is stored: takes the whole ciphertext's hash
+    /// computed as the chunks came (or, when they did not all come through
+    /// this process in order, reads them back one at a time to compute it),
+    /// and marks the object complete
     /// when it matches the start's hash. When it does not, deletes the
     /// object and answers `INVALID_ARGUMENT`.
     async fn complete(&self, id: &MediaId, stored: StoredMedia) -> Result<StoredMedia> {
-        let mut hasher = Sha256::new();
-        for idx in 0..stored.object.chunk_count {
-            let chunk = self
-                .store
-                .get_chunk(id.as_str(), idx)
-                .await?
-                // Deleted meanwhile (another request found a mismatch).
-                .ok_or_else(|| Error::NotFound(id.to_string()))?;
-            hasher.update(&chunk.data);
-        }
-        if hasher.finalize().as_slice() != stored.object.sha256.as_slice() {
+        let whole = match self.running.take(id.as_str(), stored.object.chunk_count) {
+            Some(whole) => whole,
+            None => {
+                let mut hasher = Sha256::new();
+                for idx in 0..stored.object.chunk_count {
+                    let chunk = self
+                        .store
+                        .get_chunk(id.as_str(), idx)
+                        .await?
+                        // Deleted meanwhile (another request found a mismatch).
+                        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+                    hasher.update(&chunk.data);
+                }
+                hasher.finalize().to_vec()
+            }
+        };
+        if whole != stored.object.sha256 {
             tracing::warn!(media = %id, owner = %stored.object.owner_user_id,
                 "whole-object hash mismatch; upload discarded");
             self.delete(id.as_str()).await?;

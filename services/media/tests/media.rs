@@ -788,3 +788,65 @@ async fn malformed_requests_are_invalid_arguments() {
     );
     h.stop().await;
 }
+
+/// The whole-object hash is computed as chunks come; an upload whose
+/// chunks did not all come through one media process (a restart, or
+/// another process of the queue group) is hashed by reading it back, with
+/// the same verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_finished_by_another_media_process_is_verified_all_the_same() {
+    let mut h = Harness::start(config()).await;
+    let conversation = h.conversation("alice", &["bob"]).await;
+    // Three chunks each.
+    let good = ciphertext(2 * CHUNK as usize + 10, 5);
+    let good_start = start_of(&conversation, &good);
+    let bad = ciphertext(2 * CHUNK as usize + 10, 6);
+    let bad_start = MediaUploadStart {
+        sha256: sha(b"not this"),
+        ..start_of(&conversation, &bad)
+    };
+    for (start, data) in [(&good_start, &good), (&bad_start, &bad)] {
+        h.begin("alice", start).await.unwrap();
+        h.put("alice", &start.media_id, data, 0).await.unwrap();
+    }
+
+    // Another media process takes over.
+    let restarted = Media::start(
+        config(),
+        Arc::new(h.store.clone()),
+        h.bus.clone(),
+        h.subjects.clone(),
+        h.clock.clone(),
+    )
+    .await
+    .unwrap();
+    std::mem::replace(&mut h.media, restarted).stop().await;
+
+    for index in 1..3 {
+        h.put("alice", &good_start.media_id, &good, index)
+            .await
+            .unwrap();
+    }
+    assert!(
+        h.status("alice", &good_start.media_id)
+            .await
+            .unwrap()
+            .complete
+    );
+    assert_eq!(h.download("bob", &good_start.media_id).await.unwrap(), good);
+
+    h.put("alice", &bad_start.media_id, &bad, 1).await.unwrap();
+    let e = assert_code(
+        h.put("alice", &bad_start.media_id, &bad, 2).await,
+        Code::InvalidArgument,
+    );
+    assert!(e.message.contains("SHA-256"), "{}", e.message);
+    assert!(
+        h.store
+            .get_object(&bad_start.media_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    h.stop().await;
+}
