@@ -80,11 +80,11 @@ impl RunningHashes {
             let mut hasher = Sha256::new();
             hasher.update(data);
             uploads.insert(id.to_owned(), (1, hasher));
-        } else if let Some((next, hasher)) = uploads.get_mut(id) {
-            if *next == index {
-                hasher.update(data);
-                *next += 1;
-            }
+        } else if let Some((next, hasher)) = uploads.get_mut(id)
+            && *next == index
+        {
+            hasher.update(data);
+            *next += 1;
         }
     }
 
