@@ -54,6 +54,30 @@ fi
 CHAPPE_NATS_SERVER="$(command -v nats-server)"
 export CHAPPE_NATS_SERVER
 
+# The CQL store tests start Apache Cassandra 5.0 (no ScyllaDB package exists
+# for this machine; both speak CQL) with Java 17, from the jars Maven fetches
+# from Maven Central into a cache directory (crates/testkit/src/cql.rs).
+# Not needed when a `scylla` binary is on PATH (or named by CHAPPE_SCYLLA):
+# the tests start ScyllaDB then. CHAPPE_TEST_CQL=host:port (and
+# CHAPPE_TEST_CQL_DC) points the single-node tests at an existing cluster;
+# the two-datacenter tests still start their own nodes.
+if [ -z "${CHAPPE_SCYLLA:-}" ] && ! command -v scylla >/dev/null 2>&1; then
+    if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "installing Java 17 and Maven"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
+        else
+            echo "java and mvn not found: install Java 17 and Maven (Debian: apt-get install openjdk-17-jdk-headless maven)" >&2
+            exit 1
+        fi
+    fi
+    say "Cassandra (installed into a cache directory if missing)"
+    CHAPPE_CASSANDRA_HOME="$(scripts/install-cassandra.sh ${CHAPPE_CASSANDRA_HOME:+"$CHAPPE_CASSANDRA_HOME"})"
+    export CHAPPE_CASSANDRA_HOME
+    echo "CHAPPE_CASSANDRA_HOME=$CHAPPE_CASSANDRA_HOME"
+fi
+
 # A fresh checkout builds once: incremental caches would only add gigabytes
 # to the disk CI builds on.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

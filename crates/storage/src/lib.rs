@@ -5,8 +5,10 @@
 //!   [`ConversationRepo`], [`MessageRepo`] and [`InboxRepo`] (fanout),
 //!   [`MediaRepo`] (media), [`PresenceSettingsRepo`] (presence);
 //! - [`embedded::EmbeddedStore`] implements every repository on SQLite
-//!   (WAL, `synchronous=FULL`, one transaction per operation); the ScyllaDB
-//!   store implements the same traits over the same tables and keys;
+//!   (WAL, `synchronous=FULL`, one transaction per operation);
+//!   [`cql::CqlStore`] implements the same traits on ScyllaDB (or
+//!   Cassandra) over the same tables and keys, with versioned CQL
+//!   migrations ([`cql::migrate`]);
 //! - [`conformance`] is the test suite every implementation must pass.
 //!
 //! Tables (same names and primary keys in SQLite and CQL):
@@ -41,11 +43,13 @@
 //! to clients only after it returns (DESIGN.md invariant 3).
 
 pub mod conformance;
+pub mod cql;
 pub mod embedded;
 
 use async_trait::async_trait;
 use chappe_proto::ids::{ConversationId, MessageId};
 
+pub use cql::{CqlConfig, CqlStore};
 pub use embedded::EmbeddedStore;
 
 /// Result of a store operation.

@@ -6,8 +6,13 @@
 //!   store, to test what survives.
 //!
 //! - [`ServiceProcess`]: one Chappe service binary, started and waited for.
-//! - [`cluster::Cluster`]: keydir, fanouts and gateways, each in its own
-//!   process, over one nats-server, as a deployment runs them.
+//! - [`cluster::Cluster`]: keydir, presence, media, fanouts and gateways,
+//!   each in its own process, over one nats-server, as a deployment runs
+//!   them.
+//! - [`cql::CqlServer`]: a CQL database node on loopback (Apache Cassandra
+//!   5 from Maven Central's jars, or ScyllaDB when a `scylla` binary is on
+//!   PATH, or an existing cluster named by `CHAPPE_TEST_CQL`), and
+//!   [`cql::CqlCluster`], two nodes in two datacenters.
 //!
 //! Tests never depend on a server someone left running (CONVENTIONS.md,
 //! "Tests"). A test that cannot start its server panics with a message that
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod cluster;
+pub mod cql;
 
 /// The oldest nats-server the tests accept.
 pub const NATS_MIN_VERSION: (u32, u32) = (2, 12);
