@@ -20,6 +20,7 @@ use chappe_client::ids::{ConversationId, MessageId, UserId};
 use chappe_client::{
     Client, ClientConfig, ConversationKind, DecryptedMessage, Event, Progress, SendFileOptions,
 };
+use chappe_storage::StoreLocation;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
@@ -42,8 +43,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every service in this process: embedded store, in-process bus,
-    /// keydir, fanout and the gateway, with development logins.
+    /// keydir, fanout, presence, media and the gateway, with development
+    /// logins.
     Up(UpArgs),
+    /// Bring a store's schema to this version (a CQL keyspace: versioned
+    /// migrations, idempotent, safe to run twice at once); prints the
+    /// version.
+    Migrate(MigrateArgs),
     /// Log a device in as a development user; creates its keys the first time.
     Login(LoginArgs),
     /// Create a conversation with other users; prints its id.
@@ -101,6 +107,11 @@ pub struct UpArgs {
     /// Directory of the embedded database and development secrets.
     #[arg(long, env = "CHAPPE_DATA_DIR", default_value = "chappe-data")]
     pub data_dir: PathBuf,
+    /// Keep data elsewhere than DATA_DIR/chappe.db: `embedded:PATH`, or a
+    /// CQL cluster `scylla://host1:9042,host2/KEYSPACE?dc=DC&rf=DC:3`
+    /// (migrated at start).
+    #[arg(long, env = "CHAPPE_STORE")]
+    pub store: Option<StoreLocation>,
     /// Largest frame a client may send, in bytes.
     #[arg(long, env = "CHAPPE_MAX_FRAME_BYTES", default_value_t = 256 * 1024)]
     pub max_frame_bytes: usize,
@@ -125,6 +136,14 @@ pub struct UpArgs {
     /// Off when unset; OTEL_EXPORTER_OTLP_ENDPOINT is honoured too.
     #[arg(long, env = "CHAPPE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The store: `scylla://host1:9042,host2/KEYSPACE?dc=DC&rf=DC1:3,DC2:3`
+    /// (see the README), or `embedded:PATH` (its tables are created on open).
+    #[arg(long, env = "CHAPPE_STORE")]
+    pub store: StoreLocation,
 }
 
 /// Which device this command acts as.
@@ -539,6 +558,16 @@ fn utc(ms: u64) -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up(args).await,
+        Command::Migrate(args) => {
+            let (_, version) = chappe_storage::AnyStore::migrate_and_open(&args.store)
+                .await
+                .with_context(|| format!("migrating {}", args.store))?;
+            match version {
+                Some(version) => println!("{}: schema version {version}", args.store),
+                None => println!("{}: tables ready (embedded store)", args.store),
+            }
+            Ok(())
+        }
         Command::Login(args) => {
             let client = Client::login_dev(args.profile.config()?, &args.user, &args.device)
                 .await
@@ -664,6 +693,7 @@ async fn chat(args: ChatArgs) -> Result<()> {
 
 async fn up(args: UpArgs) -> Result<()> {
     let mut config = PlatformConfig::new(&args.data_dir);
+    config.store = args.store.clone();
     if let Some(url) = &args.nats {
         config.bus = BusChoice::Nats(Box::new(NatsConfig::with_url(url.clone())));
     }
@@ -697,8 +727,8 @@ async fn up(args: UpArgs) -> Result<()> {
     println!("Chappe is up: gateway {url}");
     println!("  metrics: http://{}/metrics", telemetry.addr());
     println!(
-        "  store: {} (embedded SQLite), bus: {}",
-        platform.store().path().display(),
+        "  store: {}, bus: {}",
+        platform.store_location(),
         match &args.nats {
             Some(url) => format!("NATS at {url}"),
             None => "in-process".to_owned(),

@@ -1,5 +1,5 @@
-//! One process, every service: the embedded store (SQLite), the in-process
-//! bus, keydir, fanout, presence, media and the gateway, built from the same
+//! One process, every service: the embedded store (SQLite, or a CQL
+//! cluster when configured), the in-process bus, keydir, fanout, presence, media and the gateway, built from the same
 //! libraries that run as separate processes in a cluster. Presence records
 //! live in memory on the in-process bus, in a JetStream key-value bucket on
 //! NATS.
@@ -19,7 +19,7 @@ use chappe_media::{Media, MediaConfig, SystemClock};
 use chappe_presence::{
     KvPresenceStore, MemoryPresenceStore, Presence, PresenceConfig, PresenceStore,
 };
-use chappe_storage::EmbeddedStore;
+use chappe_storage::{AnyStore, Store, StoreLocation};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -36,8 +36,12 @@ pub enum BusChoice {
 /// Everything `chappe up` needs.
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
-    /// Holds the SQLite database and the development session secret.
+    /// Holds the development session secret, and the SQLite database
+    /// unless `store` says otherwise.
     pub data_dir: PathBuf,
+    /// Where data lives; `None`: the embedded store `data_dir/chappe.db`.
+    /// A CQL keyspace is migrated at start.
+    pub store: Option<StoreLocation>,
     pub subjects_prefix: String,
     pub bus: BusChoice,
     pub gateway: GatewayConfig,
@@ -51,6 +55,7 @@ impl PlatformConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            store: None,
             subjects_prefix: chappe_bus::subjects::DEFAULT_PREFIX.to_owned(),
             bus: BusChoice::Memory,
             gateway: GatewayConfig::default(),
@@ -83,7 +88,8 @@ pub enum Error {
 /// A running platform.
 pub struct Platform {
     addr: SocketAddr,
-    store: EmbeddedStore,
+    store: AnyStore,
+    store_location: StoreLocation,
     /// The in-process bus, when the services talk over it.
     memory: Option<MemoryBus>,
     /// The bus every service talks over.
@@ -151,19 +157,29 @@ impl Platform {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store = EmbeddedStore::open(&config.data_dir.join("chappe.db"))?;
+        let store_location = config
+            .store
+            .clone()
+            .unwrap_or_else(|| StoreLocation::Embedded(config.data_dir.join("chappe.db")));
+        let (store, version) = AnyStore::migrate_and_open(&store_location).await?;
+        if let Some(version) = version {
+            tracing::info!(store = %store_location, version, "store schema is current");
+        }
+        let shared: Arc<dyn Store> = store.shared();
         let subjects = Subjects::new(config.subjects_prefix.clone());
 
         let keydir = chappe_keydir::start(
             config.keydir.clone(),
-            Arc::new(store.clone()),
+            shared.clone(),
             shared_bus.clone(),
             subjects.clone(),
         )
         .await?;
         let fanout = Fanout::start(
             config.fanout.clone(),
-            Arc::new(store.clone()),
+            store
+                .clone()
+                .map(|s| Arc::new(s) as _, |s| Arc::new(s) as _),
             shared_bus.clone(),
             subjects.clone(),
         )
@@ -171,14 +187,14 @@ impl Platform {
         let presence = Presence::start(
             config.presence.clone(),
             presence_store,
-            Arc::new(store.clone()),
+            shared.clone(),
             shared_bus.clone(),
             subjects.clone(),
         )
         .await?;
         let media = Media::start(
             config.media.clone(),
-            Arc::new(store.clone()),
+            shared.clone(),
             shared_bus.clone(),
             subjects.clone(),
             Arc::new(SystemClock),
@@ -203,6 +219,7 @@ impl Platform {
         Ok(Self {
             addr,
             store,
+            store_location,
             memory,
             bus: shared_bus,
             keydir,
@@ -223,8 +240,14 @@ impl Platform {
         self.addr
     }
 
-    pub fn store(&self) -> &EmbeddedStore {
-        &self.store
+    /// Every repository of the store the services use.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.shared()
+    }
+
+    /// Where the store is.
+    pub fn store_location(&self) -> &StoreLocation {
+        &self.store_location
     }
 
     /// The in-process bus, unless the services talk over NATS.
@@ -234,7 +257,11 @@ impl Platform {
 
     /// What `/readyz` checks: the bus and the store.
     pub fn readiness(&self) -> chappe_telemetry::http::Health {
-        chappe_fanout::readiness(Arc::new(self.store.clone()), self.bus.clone())
+        let store = self
+            .store
+            .clone()
+            .map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
+        chappe_fanout::readiness(store, self.bus.clone())
     }
 
     /// Drains the gateway (clients are told to go), then stops the services

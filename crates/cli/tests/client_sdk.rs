@@ -14,7 +14,7 @@ use chappe_client::{
 };
 use chappe_proto::v1::ListConversationsRequest;
 use chappe_proto::v1::internal::{DeliverJob, UserDelivery, user_delivery};
-use chappe_storage::{InboxRepo, KeyRepo, MessageRepo, MessageRow};
+use chappe_storage::MessageRow;
 use common::TestPlatform;
 use common::proxy::FaultProxy;
 use prost::Message as _;

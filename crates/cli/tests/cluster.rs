@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use chappe_client::ids::{ConversationId, UserId};
 use chappe_client::{Client, ClientConfig, ConversationKind, Event, Events};
-use chappe_storage::MessageRepo as _;
 use chappe_testkit::cluster::ClusterConfig;
 use common::scenarios;
 use common::{Deployment, TestCluster, client_config, presence_media};

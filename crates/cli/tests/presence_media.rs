@@ -11,7 +11,6 @@ use chappe_client::ConversationKind;
 use chappe_client::ids::UserId;
 use chappe_proto::v1::media_client::MediaClient;
 use chappe_proto::v1::{MediaChunk, MediaUploadStart, UploadFrame, upload_frame};
-use chappe_storage::MediaRepo as _;
 use common::presence_media::{self, write_test_file};
 use common::scenarios::device;
 use common::{Bearer, TestPlatform};

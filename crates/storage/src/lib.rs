@@ -9,6 +9,8 @@
 //!   [`cql::CqlStore`] implements the same traits on ScyllaDB (or
 //!   Cassandra) over the same tables and keys, with versioned CQL
 //!   migrations ([`cql::migrate`]);
+//! - [`select`]: [`StoreLocation`] (`--store embedded:PATH` or
+//!   `--store scylla://...`) and [`AnyStore`], the store it opens;
 //! - [`conformance`] is the test suite every implementation must pass.
 //!
 //! Tables (same names and primary keys in SQLite and CQL):
@@ -45,12 +47,14 @@
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
+pub mod select;
 
 use async_trait::async_trait;
 use chappe_proto::ids::{ConversationId, MessageId};
 
 pub use cql::{CqlConfig, CqlStore};
 pub use embedded::EmbeddedStore;
+pub use select::{AnyStore, StoreLocation};
 
 /// Result of a store operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

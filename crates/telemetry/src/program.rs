@@ -8,7 +8,6 @@
 use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::LogFormat;
@@ -74,10 +73,13 @@ pub struct ServiceArgs {
     /// Prefix of every subject.
     #[arg(long, env = "CHAPPE_SUBJECT_PREFIX", default_value = "chappe")]
     pub prefix: String,
-    /// The embedded store's database file (services of one machine may
-    /// share it).
+    /// Where data lives: `embedded:PATH` (or a bare PATH), the embedded
+    /// SQLite file, which services of one machine may share; or
+    /// `scylla://host1:9042,host2/KEYSPACE?dc=DC&rf=DC1:3,DC2:3`, a CQL
+    /// cluster whose keyspace `chappe migrate` prepared (parsed by
+    /// `chappe_storage::StoreLocation`).
     #[arg(long, env = "CHAPPE_STORE", default_value = "chappe-data/chappe.db")]
-    pub store: PathBuf,
+    pub store: String,
     /// Log format on stderr: text or json.
     #[arg(long, env = "CHAPPE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_fanout::{Fanout, FanoutConfig};
-use chappe_storage::EmbeddedStore;
+use chappe_storage::select::open as open_store;
 use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
@@ -49,8 +49,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         delivery_jobs_in_flight: args.delivery_jobs_in_flight,
         ..FanoutConfig::default()
     };
-    let store = EmbeddedStore::open(&service.store)
-        .with_context(|| format!("opening the store {}", service.store.display()))?;
+    let store = open_store(&service.store).await?;
     let bus = NatsBus::connect(NatsConfig {
         urls: service.nats.clone(),
         prefix: service.prefix.clone(),
@@ -60,7 +59,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await
     .context("connecting to NATS")?;
-    let store: Arc<dyn chappe_fanout::FanoutStore> = Arc::new(store);
+    let store: Arc<dyn chappe_fanout::FanoutStore> =
+        store.map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
     let telemetry = ServiceTelemetry::start(
         "chappe-fanout",

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_keydir::KeydirConfig;
-use chappe_storage::EmbeddedStore;
+use chappe_storage::select::open as open_store;
 use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
@@ -24,8 +24,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
-    let store = EmbeddedStore::open(&args.store)
-        .with_context(|| format!("opening the store {}", args.store.display()))?;
+    let store = open_store(&args.store).await?;
     let bus = NatsBus::connect(NatsConfig {
         urls: args.nats.clone(),
         prefix: args.prefix.clone(),
@@ -34,7 +33,8 @@ async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
     })
     .await
     .context("connecting to NATS")?;
-    let store: Arc<dyn chappe_storage::KeyRepo> = Arc::new(store);
+    let store: Arc<dyn chappe_storage::KeyRepo> =
+        store.map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
     let telemetry = ServiceTelemetry::start(
         "chappe-keydir",

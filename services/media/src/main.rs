@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_media::{Media, MediaConfig, SystemClock};
-use chappe_storage::EmbeddedStore;
+use chappe_storage::select::open as open_store;
 use chappe_telemetry::program::{EXIT_USAGE, ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
@@ -88,8 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(i32::from(EXIT_USAGE));
     }
     let service = args.service;
-    let store = EmbeddedStore::open(&service.store)
-        .with_context(|| format!("opening the store {}", service.store.display()))?;
+    let store = open_store(&service.store).await?;
     let bus = NatsBus::connect(NatsConfig {
         urls: service.nats.clone(),
         prefix: service.prefix.clone(),
@@ -98,7 +97,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await
     .context("connecting to NATS")?;
-    let store: Arc<dyn chappe_storage::MediaRepo> = Arc::new(store);
+    let store: Arc<dyn chappe_storage::MediaRepo> =
+        store.map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
     let telemetry = ServiceTelemetry::start(
         "chappe-media",

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use chappe_bus::Subjects;
 use chappe_bus::nats::{NatsBus, NatsConfig};
 use chappe_presence::{KvPresenceStore, Presence, PresenceConfig};
-use chappe_storage::EmbeddedStore;
+use chappe_storage::select::open as open_store;
 use chappe_telemetry::program::{ServiceArgs, ServiceTelemetry, announce, ports};
 use clap::Parser;
 
@@ -56,8 +56,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     config.validate().context("presence settings")?;
     let service = args.service;
-    let settings = EmbeddedStore::open(&service.store)
-        .with_context(|| format!("opening the store {}", service.store.display()))?;
+    let settings: Arc<dyn chappe_storage::PresenceSettingsRepo> = open_store(&service.store)
+        .await?
+        .map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let nats = NatsBus::connect(NatsConfig {
         urls: service.nats.clone(),
         prefix: service.prefix.clone(),
@@ -81,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let presence = Presence::start(
         config,
         Arc::new(store),
-        Arc::new(settings),
+        settings,
         bus,
         Subjects::new(service.prefix),
     )

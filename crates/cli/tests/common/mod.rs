@@ -145,7 +145,7 @@ pub trait Deployment: Sync {
     /// The test's directory (devices keep their state under it).
     fn dir(&self) -> &std::path::Path;
     /// The store the services write to.
-    fn store(&self) -> &chappe_storage::EmbeddedStore;
+    fn store(&self) -> std::sync::Arc<dyn chappe_storage::Store>;
 }
 
 impl Deployment for TestPlatform {
@@ -155,7 +155,7 @@ impl Deployment for TestPlatform {
     fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
-    fn store(&self) -> &chappe_storage::EmbeddedStore {
+    fn store(&self) -> std::sync::Arc<dyn chappe_storage::Store> {
         self.platform.store()
     }
 }
@@ -164,8 +164,8 @@ impl Deployment for TestPlatform {
 /// nats-server (two of each but keydir by default).
 pub struct TestCluster {
     pub cluster: chappe_testkit::cluster::Cluster,
-    /// The same store file, opened by the test to look at what was written.
-    store: chappe_storage::EmbeddedStore,
+    /// The services' store, opened by the test to look at what was written.
+    store: std::sync::Arc<dyn chappe_storage::Store>,
 }
 
 impl TestCluster {
@@ -177,7 +177,31 @@ impl TestCluster {
         let cluster = chappe_testkit::cluster::Cluster::start(config);
         let store = chappe_storage::EmbeddedStore::open(&cluster.dir().join("chappe.db"))
             .expect("the cluster's store opens");
-        Self { cluster, store }
+        Self {
+            cluster,
+            store: std::sync::Arc::new(store),
+        }
+    }
+}
+
+impl TestCluster {
+    /// A cluster whose services keep their data at `store` (given to them
+    /// as `CHAPPE_STORE`), which the test migrates first.
+    pub async fn start_on_store(
+        mut config: chappe_testkit::cluster::ClusterConfig,
+        store: &chappe_storage::StoreLocation,
+        url: &str,
+    ) -> Self {
+        let (opened, _) = chappe_storage::AnyStore::migrate_and_open(store)
+            .await
+            .expect("the store migrates");
+        config.env.push(("CHAPPE_STORE".into(), url.into()));
+        let cluster =
+            tokio::task::block_in_place(|| chappe_testkit::cluster::Cluster::start(config));
+        Self {
+            cluster,
+            store: opened.shared(),
+        }
     }
 }
 
@@ -188,8 +212,8 @@ impl Deployment for TestCluster {
     fn dir(&self) -> &std::path::Path {
         self.cluster.dir()
     }
-    fn store(&self) -> &chappe_storage::EmbeddedStore {
-        &self.store
+    fn store(&self) -> std::sync::Arc<dyn chappe_storage::Store> {
+        self.store.clone()
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use chappe_client::ids::UserId;
 use chappe_client::{Attachment, ConversationKind, Error, Event, PresenceState, SendFileOptions};
-use chappe_storage::{MediaRepo as _, MessageRepo as _};
 use sha2::{Digest as _, Sha256};
 
 use super::Deployment;
@@ -116,6 +115,12 @@ pub async fn presence_typing_and_privacy(deployment: &impl Deployment) {
     assert_eq!(users, ["dave"], "carol sees only her own contact");
 
     // Typing reaches bob, and nothing of it is stored.
+    let stored_before = deployment
+        .store()
+        .messages_after(chat.id, None, 10_000)
+        .await
+        .expect("store read")
+        .len();
     alice.set_typing(&chat.id, true).await.expect("typing");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -137,13 +142,14 @@ pub async fn presence_typing_and_privacy(deployment: &impl Deployment) {
             break;
         }
     }
-    assert!(
+    assert_eq!(
         deployment
             .store()
-            .messages_after(chat.id, None, 10)
+            .messages_after(chat.id, None, 10_000)
             .await
             .expect("store read")
-            .is_empty(),
+            .len(),
+        stored_before,
         "typing is never stored"
     );
     // carol may not type in a conversation she is not in.

@@ -324,7 +324,6 @@ pub async fn removed_member_cannot_read_what_follows(platform: &impl Deployment)
 
     // The room key rotated: the message after the removal is under a new
     // Megolm session, which chloe's device never received.
-    use chappe_storage::MessageRepo as _;
     let stored = platform
         .store()
         .messages_after(group.id, None, 10)
