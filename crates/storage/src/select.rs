@@ -165,7 +165,9 @@ mod tests {
     #[test]
     fn store_locations_parse() {
         let embedded: StoreLocation = "chappe-data/chappe.db".parse().unwrap();
-        assert!(matches!(embedded, StoreLocation::Embedded(ref p) if p == &PathBuf::from("chappe-data/chappe.db")));
+        assert!(
+            matches!(embedded, StoreLocation::Embedded(ref p) if p == &PathBuf::from("chappe-data/chappe.db"))
+        );
         let embedded: StoreLocation = "embedded:/var/lib/chappe.db".parse().unwrap();
         assert_eq!(embedded.to_string(), "embedded:/var/lib/chappe.db");
         let cql: StoreLocation = "scylla://10.0.0.1:9042,10.0.0.2/chappe?dc=fr-par"
