@@ -405,7 +405,13 @@ async fn a_nats_restart_mid_run_loses_nothing_and_stores_retries_once() {
 async fn presence_typing_and_media_pass_with_every_service_in_its_own_process() {
     let cluster = TestCluster::start();
     presence_media::presence_typing_and_privacy(&cluster).await;
-    presence_media::file_travels_encrypted_and_resumes(&cluster, 50 * 1024 * 1024).await;
+    // Every stored chunk is scanned for plaintext in tests/presence_media.rs.
+    presence_media::file_travels_encrypted_and_resumes(
+        &cluster,
+        50 * 1024 * 1024,
+        presence_media::PlaintextScan::FirstAndLast,
+    )
+    .await;
     cluster.cluster.stop();
 }
 

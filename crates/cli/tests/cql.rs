@@ -60,7 +60,12 @@ async fn every_scenario_passes_in_one_process_on_the_cql_store() {
     scenarios::new_device_reads_the_next_message(&platform).await;
     scenarios::removed_member_cannot_read_what_follows(&platform).await;
     presence_media::presence_typing_and_privacy(&platform).await;
-    presence_media::file_travels_encrypted_and_resumes(&platform, 50 * MIB).await;
+    presence_media::file_travels_encrypted_and_resumes(
+        &platform,
+        50 * MIB,
+        presence_media::PlaintextScan::FirstAndLast,
+    )
+    .await;
     platform.platform.shutdown().await.expect("clean shutdown");
 }
 
@@ -72,7 +77,14 @@ async fn every_scenario_passes_with_each_service_in_its_own_process_on_the_cql_s
     scenarios::two_users_two_devices_exchange_and_catch_up(&cluster).await;
     scenarios::group_of_three_all_read_each_other(&cluster).await;
     presence_media::presence_typing_and_privacy(&cluster).await;
-    presence_media::file_travels_encrypted_and_resumes(&cluster, 50 * MIB).await;
+    // The 50 MiB file crosses the CQL store in one process above; here a
+    // smaller one shows the media process on CQL.
+    presence_media::file_travels_encrypted_and_resumes(
+        &cluster,
+        4 * MIB,
+        presence_media::PlaintextScan::FirstAndLast,
+    )
+    .await;
     tokio::task::block_in_place(|| cluster.cluster.stop());
 }
 

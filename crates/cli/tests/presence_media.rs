@@ -30,7 +30,12 @@ async fn contacts_see_presence_and_typing_and_strangers_see_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fifty_mib_file_reaches_both_devices_encrypted_and_resumes_after_a_cut() {
     let platform = TestPlatform::start().await;
-    presence_media::file_travels_encrypted_and_resumes(&platform, 50 * MIB).await;
+    presence_media::file_travels_encrypted_and_resumes(
+        &platform,
+        50 * MIB,
+        presence_media::PlaintextScan::EveryChunk,
+    )
+    .await;
     platform.platform.shutdown().await.expect("clean shutdown");
 }
 
