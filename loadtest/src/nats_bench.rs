@@ -365,19 +365,7 @@ impl NatsBenchReport {
 /// Runs `chappe-loadtest nats` and prints / writes its report.
 pub async fn run(args: NatsBenchArgs) -> Result<()> {
     let report = measure(args.clone()).await?;
-    match args.out.as_deref() {
-        Some(p) if p == std::path::Path::new("-") => {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            return Ok(());
-        }
-        Some(p) => {
-            std::fs::write(p, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", p.display()))?;
-            eprintln!("report: {}", p.display());
-        }
-        None => {}
-    }
-    print!("{}", report.to_text());
+    crate::output::emit(&report, args.out.as_deref(), || report.to_text())?;
     Ok(())
 }
 
@@ -691,27 +679,39 @@ fn check_len(got: usize, want: usize) -> Result<(), String> {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// `--concurrency` tasks, each doing `op` again as soon as it completes;
-/// operations started in the measured window count.
-async fn closed_loop(
-    args: &NatsBenchArgs,
-    op: Op,
-    payload: Bytes,
-    measurement: Measurement,
-    round: u32,
-) -> Measured {
+/// One operation of a closed loop, done again as soon as it completes.
+/// Each task of [`drive`] holds a clone.
+pub(crate) trait Operation: Clone + Send + Sync + 'static {
+    fn once(&self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// What [`drive`] counted in its measured window.
+pub(crate) struct Driven {
+    /// Latencies of the successful operations, in microseconds.
+    pub hist: Histogram<u64>,
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// `concurrency` tasks, each doing `op` again as soon as it completes, for
+/// `warmup` then `duration`; operations started in the measured window count.
+pub(crate) async fn drive<O: Operation>(
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    op: O,
+) -> Driven {
     let start = Instant::now();
-    let measured_from = start + args.warmup;
-    let end = measured_from + args.duration;
-    let timeout = args.request_timeout;
+    let measured_from = start + warmup;
+    let end = measured_from + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency {
+    for _ in 0..concurrency {
         let op = op.clone();
-        let payload = payload.clone();
         tasks.spawn(async move {
             let mut hist = histogram();
             let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
@@ -720,7 +720,7 @@ async fn closed_loop(
                 if began >= end {
                     break;
                 }
-                let result = op.once(&payload, timeout).await;
+                let result = op.once().await;
                 if began < measured_from {
                     continue;
                 }
@@ -738,43 +738,81 @@ async fn closed_loop(
             (hist, ok, errors, first_error)
         });
     }
-    let mut hist = histogram();
-    let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+    let mut driven = Driven {
+        hist: histogram(),
+        ok: 0,
+        errors: 0,
+        first_error: None,
+    };
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((h, o, e, f)) => {
-                let _ = hist.add(&h);
-                ok += o;
-                errors += e;
-                if first_error.is_none() {
-                    first_error = f;
+                let _ = driven.hist.add(&h);
+                driven.ok += o;
+                driven.errors += e;
+                if driven.first_error.is_none() {
+                    driven.first_error = f;
                 }
             }
             Err(e) => {
-                errors += 1;
-                first_error.get_or_insert(format!("a task failed: {e}"));
+                driven.errors += 1;
+                driven
+                    .first_error
+                    .get_or_insert(format!("a task failed: {e}"));
             }
         }
     }
+    driven
+}
+
+/// An [`Op`] with its payload and timeout, as [`drive`] runs it.
+#[derive(Clone)]
+struct OpCall {
+    op: Op,
+    payload: Bytes,
+    timeout: Duration,
+}
+
+impl Operation for OpCall {
+    async fn once(&self) -> Result<(), String> {
+        self.op.once(&self.payload, self.timeout).await
+    }
+}
+
+/// `--concurrency` tasks, each doing `op` again as soon as it completes;
+/// operations started in the measured window count.
+async fn closed_loop(
+    args: &NatsBenchArgs,
+    op: Op,
+    payload: Bytes,
+    measurement: Measurement,
+    round: u32,
+) -> Measured {
+    let call = OpCall {
+        op,
+        payload,
+        timeout: args.request_timeout,
+    };
+    let driven = drive(args.concurrency, args.warmup, args.duration, call).await;
     let seconds = args.duration.as_secs_f64();
     Measured {
         round,
         measurement,
-        operations: ok,
-        errors,
-        first_error,
+        operations: driven.ok,
+        errors: driven.errors,
+        first_error: driven.first_error,
         seconds,
-        per_second: ok as f64 / seconds,
+        per_second: driven.ok as f64 / seconds,
         sent: None,
         sent_per_second: None,
         backlog: None,
         drain_s: None,
-        latency: latency(&hist),
+        latency: latency(&driven.hist),
         cpu: Cpu::default(),
     }
 }
 
-fn latency(hist: &Histogram<u64>) -> Option<Latency> {
+pub(crate) fn latency(hist: &Histogram<u64>) -> Option<Latency> {
     (!hist.is_empty()).then(|| Latency {
         count: hist.len(),
         mean_us: hist.mean(),
@@ -1100,7 +1138,7 @@ pub fn loadavg() -> String {
 }
 
 /// CPU seconds (user + system) of a process so far, from /proc.
-fn cpu_seconds(pid: &str) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
