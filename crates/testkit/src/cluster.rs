@@ -271,6 +271,23 @@ fn binaries() -> PathBuf {
             .to_path_buf();
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
         let mut build = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        // Cargo gives each test process its package's CARGO_PKG_* and
+        // CARGO_MANIFEST_* variables; build scripts (ring's) read them, so
+        // passing them on made every test package rebuild the services
+        // (a minute or more each) instead of finding them built.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    name,
+                    "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                build.env_remove(name);
+            }
+        }
         build
             .arg("build")
             .arg("--manifest-path")
