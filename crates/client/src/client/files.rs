@@ -341,6 +341,56 @@ impl Drop for PartFile {
     }
 }
 
+/// The retries of one media transfer: one re-login when the session token
+/// is refused, and up to `media_attempts` attempts after transient
+/// failures, waiting the server's retry-after or a doubling backoff.
+struct Retries {
+    attempt: u32,
+    relogged: bool,
+    delay: std::time::Duration,
+    max_delay: std::time::Duration,
+    max_attempts: u32,
+    request_timeout: std::time::Duration,
+}
+
+impl Retries {
+    fn new(config: &crate::ClientConfig) -> Self {
+        Self {
+            attempt: 1,
+            relogged: false,
+            delay: config.reconnect_backoff_min,
+            max_delay: config.reconnect_backoff_max,
+            max_attempts: config.media_attempts,
+            request_timeout: config.request_timeout,
+        }
+    }
+
+    /// After a failed attempt with `error`: `Ok` to go again (having
+    /// logged in again or waited), or the error to give up with.
+    async fn after(
+        &mut self,
+        client: &Client,
+        error: Error,
+        used_token: Option<String>,
+        media: &str,
+        what: &str,
+    ) -> Result<()> {
+        if error.code() == Some(tonic::Code::Unauthenticated) && !self.relogged {
+            self.relogged = true;
+            return client.inner.rpc.relogin(used_token).await;
+        }
+        if transient(&error, self.request_timeout) && self.attempt < self.max_attempts {
+            let wait = error.retry_after().unwrap_or(self.delay);
+            tracing::warn!(attempt = self.attempt, error = %error, ?wait, %media, "{what} interrupted; resuming");
+            sleep(wait).await;
+            self.delay = (self.delay * 2).min(self.max_delay);
+            self.attempt += 1;
+            return Ok(());
+        }
+        Err(error)
+    }
+}
+
 impl Client {
     // ------------------------------------------------------------- upload
 
@@ -549,12 +599,9 @@ impl Client {
         stop_after: Option<u32>,
         progress: &P,
     ) -> Result<(u32, u32)> {
-        let config = &self.inner.config;
         let mut sent = 0u32;
         let mut skipped = None;
-        let mut attempt = 1;
-        let mut relogged = false;
-        let mut delay = config.reconnect_backoff_min;
+        let mut retries = Retries::new(&self.inner.config);
         loop {
             let used_token = self.inner.rpc.token().map(|t| t.token);
             let outcome = self
@@ -579,20 +626,9 @@ impl Client {
                 Ok(Attempt::Incomplete) => Error::Disconnected,
                 Err(e) => e,
             };
-            if error.code() == Some(tonic::Code::Unauthenticated) && !relogged {
-                relogged = true;
-                self.inner.rpc.relogin(used_token).await?;
-                continue;
-            }
-            if transient(&error, config.request_timeout) && attempt < config.media_attempts {
-                let wait = error.retry_after().unwrap_or(delay);
-                tracing::warn!(attempt, error = %error, ?wait, media = %job.media_id, "upload interrupted; resuming");
-                sleep(wait).await;
-                delay = (delay * 2).min(config.reconnect_backoff_max);
-                attempt += 1;
-                continue;
-            }
-            return Err(error);
+            retries
+                .after(self, error, used_token, &job.media_id, "upload")
+                .await?;
         }
     }
 
@@ -752,10 +788,7 @@ impl Client {
         let mut opener = Opener::new(layout, attachment.cipher()?, attachment.sha256);
         let mut part = PartFile::create(dest).await?;
         progress(Progress::at(&layout, 0));
-        let config = &self.inner.config;
-        let mut attempt = 1;
-        let mut relogged = false;
-        let mut delay = config.reconnect_backoff_min;
+        let mut retries = Retries::new(&self.inner.config);
         loop {
             let used_token = self.inner.rpc.token().map(|t| t.token);
             let error = match self
@@ -765,20 +798,9 @@ impl Client {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if error.code() == Some(tonic::Code::Unauthenticated) && !relogged {
-                relogged = true;
-                self.inner.rpc.relogin(used_token).await?;
-                continue;
-            }
-            if transient(&error, config.request_timeout) && attempt < config.media_attempts {
-                let wait = error.retry_after().unwrap_or(delay);
-                tracing::warn!(attempt, error = %error, ?wait, media = %attachment.media_id, "download interrupted; resuming");
-                sleep(wait).await;
-                delay = (delay * 2).min(config.reconnect_backoff_max);
-                attempt += 1;
-                continue;
-            }
-            return Err(error);
+            retries
+                .after(self, error, used_token, &attachment.media_id, "download")
+                .await?;
         }
         opener.finish()?;
         part.commit(dest).await
