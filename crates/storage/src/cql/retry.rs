@@ -10,9 +10,14 @@ use scylla::policies::retry::{RequestInfo, RetryDecision, RetryPolicy, RetrySess
 ///   replicas, an overloaded or bootstrapping coordinator, a coordinator
 ///   that rate-limited it, no free stream), any statement, on the next
 ///   node;
-/// - after errors that leave it unknown (a read or write timeout, a broken
-///   connection, a server error), only statements marked idempotent; a
-///   lightweight transaction never (the store reads back its outcome).
+/// - after a read or write timeout, only statements marked idempotent, on
+///   the same node: the coordinator answered, its replicas were slow, and
+///   another coordinator would ask the same replicas (this is also what
+///   lets a one-node cluster, or the one node left in a datacenter, retry);
+/// - after other errors that leave the outcome unknown (a broken
+///   connection, a server error), only idempotent statements, on the next
+///   node;
+/// - a lightweight transaction never (the store reads back its outcome).
 #[derive(Debug, Clone, Copy)]
 pub struct BoundedRetryPolicy {
     max_retries: u32,
@@ -42,6 +47,7 @@ struct BoundedRetrySession {
 /// What to do after `error`, retries left aside.
 fn decide(error: &RequestAttemptError, idempotent: bool) -> RetryDecision {
     let next = RetryDecision::RetryNextTarget(None);
+    let same = RetryDecision::RetrySameTarget(None);
     match error {
         RequestAttemptError::UnableToAllocStreamId => next,
         RequestAttemptError::BrokenConnectionError(_) if idempotent => next,
@@ -52,8 +58,14 @@ fn decide(error: &RequestAttemptError, idempotent: bool) -> RetryDecision {
                 ..
             } => next,
             DbError::ServerError | DbError::TruncateError if idempotent => next,
-            DbError::ReadTimeout { .. } | DbError::ReadFailure { .. } if idempotent => next,
-            DbError::WriteTimeout { write_type, .. } | DbError::WriteFailure { write_type, .. }
+            DbError::ReadTimeout { .. } if idempotent => same,
+            DbError::ReadFailure { .. } if idempotent => next,
+            DbError::WriteTimeout { write_type, .. }
+                if idempotent && *write_type != WriteType::Cas =>
+            {
+                same
+            }
+            DbError::WriteFailure { write_type, .. }
                 if idempotent && *write_type != WriteType::Cas =>
             {
                 next
@@ -102,7 +114,8 @@ mod tests {
     fn only_idempotent_statements_are_retried_after_an_unknown_outcome() {
         assert_eq!(
             decide(&timeout(WriteType::Simple), true),
-            RetryDecision::RetryNextTarget(None)
+            RetryDecision::RetrySameTarget(None),
+            "the coordinator answered: its replicas were slow"
         );
         assert_eq!(
             decide(&timeout(WriteType::Simple), false),
