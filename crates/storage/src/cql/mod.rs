@@ -78,7 +78,7 @@ mod presence;
 pub mod retry;
 mod statements;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -120,6 +120,69 @@ struct Inner {
     /// `(conversation, bucket)` pairs whose `message_buckets` row is known
     /// to be written: spares a write per message.
     known_buckets: Mutex<HashSet<(chappe_proto::ids::ConversationId, i64)>>,
+    /// Requests sent, per table and kind.
+    round_trips: Mutex<BTreeMap<(&'static str, RequestKind), u64>>,
+}
+
+/// What a request to the database does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RequestKind {
+    /// A read (one page of rows).
+    Read,
+    /// A write or an unconditional batch.
+    Write,
+    /// A lightweight transaction (Paxos: about four round trips between
+    /// replicas, one between the store and its coordinator).
+    Lwt,
+}
+
+/// Requests a [`CqlStore`] sent to its coordinators, per table and kind:
+/// what the benchmark reads to count round trips per sent message and per
+/// sync. The driver's own retries of a request are not counted (its
+/// session metrics count those).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundTrips(BTreeMap<(&'static str, RequestKind), u64>);
+
+impl RoundTrips {
+    /// Every request.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// The requests of one kind.
+    pub fn of(&self, kind: RequestKind) -> u64 {
+        self.0
+            .iter()
+            .filter(|((_, k), _)| *k == kind)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The requests to one table, of one kind.
+    pub fn table(&self, table: &str, kind: RequestKind) -> u64 {
+        self.0
+            .iter()
+            .filter(|((t, k), _)| *t == table && *k == kind)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The requests sent since `earlier` (a snapshot of the same store).
+    pub fn since(&self, earlier: &RoundTrips) -> RoundTrips {
+        let mut out = BTreeMap::new();
+        for (key, n) in &self.0 {
+            let n = n.saturating_sub(earlier.0.get(key).copied().unwrap_or(0));
+            if n > 0 {
+                out.insert(*key, n);
+            }
+        }
+        RoundTrips(out)
+    }
+
+    /// `(table, kind, requests)`, by table.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, RequestKind, u64)> + '_ {
+        self.0.iter().map(|((t, k), n)| (*t, *k, *n))
+    }
 }
 
 /// Entries kept in each of the caches above before they are emptied.
@@ -218,6 +281,7 @@ impl CqlStore {
                 st,
                 known_conversations: Mutex::new(HashSet::new()),
                 known_buckets: Mutex::new(HashSet::new()),
+                round_trips: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -230,6 +294,11 @@ impl CqlStore {
     /// The configuration this store was connected with.
     pub fn config(&self) -> &CqlConfig {
         &self.inner.config
+    }
+
+    /// The requests sent so far (a snapshot; see [`RoundTrips::since`]).
+    pub fn round_trips(&self) -> RoundTrips {
+        RoundTrips(lock(&self.inner.round_trips).clone())
     }
 }
 
@@ -252,13 +321,20 @@ pub(crate) enum Lwt {
 }
 
 impl Inner {
+    /// Counts one request.
+    fn count(&self, table: &'static str, kind: RequestKind) {
+        *lock(&self.round_trips).entry((table, kind)).or_default() += 1;
+    }
+
     /// Runs a statement, unpaged (writes, and reads of one row).
     async fn exec(
         &self,
         table: &'static str,
+        kind: RequestKind,
         st: &PreparedStatement,
         values: impl SerializeRow,
     ) -> Result<QueryResult> {
+        self.count(table, kind);
         self.session
             .execute_unpaged(st, values)
             .await
@@ -272,7 +348,9 @@ impl Inner {
         st: &PreparedStatement,
         values: impl SerializeRow,
     ) -> Result<()> {
-        self.exec(table, st, values).await.map(drop)
+        self.exec(table, RequestKind::Write, st, values)
+            .await
+            .map(drop)
     }
 
     /// Runs a batch of writes.
@@ -282,6 +360,7 @@ impl Inner {
         batch: &Batch,
         values: impl BatchValues,
     ) -> Result<()> {
+        self.count(table, RequestKind::Write);
         self.session
             .batch(batch, values)
             .await
@@ -296,7 +375,7 @@ impl Inner {
         st: &PreparedStatement,
         values: impl SerializeRow,
     ) -> Result<Option<R>> {
-        let result = self.exec(table, st, values).await?;
+        let result = self.exec(table, RequestKind::Read, st, values).await?;
         let rows = result.into_rows_result().map_err(|e| corrupt(table, e))?;
         rows.maybe_first_row::<R>().map_err(|e| corrupt(table, e))
     }
@@ -326,6 +405,7 @@ impl Inner {
         }
         let mut paging = PagingState::start();
         loop {
+            self.count(table, RequestKind::Read);
             let (result, next) = self
                 .session
                 .execute_single_page(st, &values, paging)
@@ -352,6 +432,7 @@ impl Inner {
         st: &PreparedStatement,
         values: impl SerializeRow,
     ) -> Result<Lwt> {
+        self.count(table, RequestKind::Lwt);
         lwt_outcome(table, self.session.execute_unpaged(st, values).await)
     }
 
@@ -362,6 +443,7 @@ impl Inner {
         batch: &Batch,
         values: impl BatchValues,
     ) -> Result<Lwt> {
+        self.count(table, RequestKind::Lwt);
         lwt_outcome(table, self.session.batch(batch, values).await)
     }
 
