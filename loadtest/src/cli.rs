@@ -63,6 +63,10 @@ pub enum Command {
     /// Presence updates/s handled by a running chappe-presence over NATS,
     /// next to raw NATS request/reply with as many callers.
     Presence(Box<crate::presence_bench::PresenceBenchArgs>),
+    /// Stored messages/s and store latency, the CQL store next to the
+    /// embedded one in the same run, and CQL requests per sent message
+    /// and per sync.
+    Store(Box<crate::store_bench::StoreBenchArgs>),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -108,6 +112,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::NatsPeer(args) => crate::nats_bench::peer(args).await,
         Command::Media(args) => crate::media_bench::run(*args).await,
         Command::Presence(args) => crate::presence_bench::run(*args).await,
+        Command::Store(args) => crate::store_bench::run(*args).await,
     }
 }
 

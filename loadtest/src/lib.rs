@@ -32,3 +32,4 @@ pub mod presence_bench;
 pub mod raw;
 pub mod report;
 pub mod scrape;
+pub mod store_bench;
