@@ -118,6 +118,21 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// The settings a service binary was started with (`--nats`,
+    /// `--prefix`, `--jetstream-replicas`), the rest defaults.
+    pub fn for_service(
+        args: &chappe_telemetry::program::ServiceArgs,
+        connection_name: &str,
+    ) -> Self {
+        Self {
+            urls: args.nats.clone(),
+            prefix: args.prefix.clone(),
+            connection_name: connection_name.into(),
+            replicas: args.jetstream_replicas.into(),
+            ..Self::default()
+        }
+    }
+
     /// The config with `url` as the only server.
     pub fn with_url(url: impl Into<String>) -> Self {
         Self {

@@ -73,6 +73,13 @@ pub struct ServiceArgs {
     /// Prefix of every subject.
     #[arg(long, env = "CHAPPE_SUBJECT_PREFIX", default_value = "chappe")]
     pub prefix: String,
+    /// Replicas of the JetStream streams and key-value buckets this service
+    /// creates (delivery jobs, presence): 3 in a NATS cluster of three or
+    /// more, so that losing a NATS server loses no job; at most the
+    /// cluster's size.
+    #[arg(long, env = "CHAPPE_JETSTREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub jetstream_replicas: u8,
     /// Where data lives: `embedded:PATH` (or a bare PATH), the embedded
     /// SQLite file, which services of one machine may share; or
     /// `scylla://host1:9042,host2/KEYSPACE?dc=DC&rf=DC1:3,DC2:3`, a CQL

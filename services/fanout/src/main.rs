@@ -51,11 +51,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = open_store(&service.store).await?;
     let bus = NatsBus::connect(NatsConfig {
-        urls: service.nats.clone(),
-        prefix: service.prefix.clone(),
-        connection_name: "chappe-fanout".into(),
         ack_wait: std::time::Duration::from_millis(args.job_ack_wait_ms),
-        ..NatsConfig::default()
+        ..NatsConfig::for_service(&service, "chappe-fanout")
     })
     .await
     .context("connecting to NATS")?;

@@ -79,14 +79,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Arc::new(NoIdentityProvider)
     };
-    let bus = NatsBus::connect(NatsConfig {
-        urls: args.service.nats.clone(),
-        prefix: args.service.prefix.clone(),
-        connection_name: "chappe-gateway".into(),
-        ..NatsConfig::default()
-    })
-    .await
-    .context("connecting to NATS")?;
+    let bus = NatsBus::connect(NatsConfig::for_service(&args.service, "chappe-gateway"))
+        .await
+        .context("connecting to NATS")?;
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);
     let telemetry = ServiceTelemetry::start(
         "chappe-gateway",

@@ -25,14 +25,9 @@ fn main() -> ExitCode {
 
 async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
     let store = open_store(&args.store).await?;
-    let bus = NatsBus::connect(NatsConfig {
-        urls: args.nats.clone(),
-        prefix: args.prefix.clone(),
-        connection_name: "chappe-keydir".into(),
-        ..NatsConfig::default()
-    })
-    .await
-    .context("connecting to NATS")?;
+    let bus = NatsBus::connect(NatsConfig::for_service(&args, "chappe-keydir"))
+        .await
+        .context("connecting to NATS")?;
     let store: Arc<dyn chappe_storage::KeyRepo> =
         store.map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);

@@ -89,14 +89,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let service = args.service;
     let store = open_store(&service.store).await?;
-    let bus = NatsBus::connect(NatsConfig {
-        urls: service.nats.clone(),
-        prefix: service.prefix.clone(),
-        connection_name: "chappe-media".into(),
-        ..NatsConfig::default()
-    })
-    .await
-    .context("connecting to NATS")?;
+    let bus = NatsBus::connect(NatsConfig::for_service(&service, "chappe-media"))
+        .await
+        .context("connecting to NATS")?;
     let store: Arc<dyn chappe_storage::MediaRepo> =
         store.map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
     let bus: Arc<dyn chappe_bus::Bus> = Arc::new(bus);

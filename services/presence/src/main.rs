@@ -59,14 +59,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings: Arc<dyn chappe_storage::PresenceSettingsRepo> = open_store(&service.store)
         .await?
         .map(|s| Arc::new(s) as _, |s| Arc::new(s) as _);
-    let nats = NatsBus::connect(NatsConfig {
-        urls: service.nats.clone(),
-        prefix: service.prefix.clone(),
-        connection_name: "chappe-presence".into(),
-        ..NatsConfig::default()
-    })
-    .await
-    .context("connecting to NATS")?;
+    let nats = NatsBus::connect(NatsConfig::for_service(&service, "chappe-presence"))
+        .await
+        .context("connecting to NATS")?;
     let store = KvPresenceStore::open(&nats, &args.bucket, config.record_ttl())
         .await
         .context("opening the presence bucket")?;
