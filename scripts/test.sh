@@ -78,6 +78,25 @@ if [ -z "${CHAPPE_SCYLLA:-}" ] && ! command -v scylla >/dev/null 2>&1; then
     echo "CHAPPE_CASSANDRA_HOME=$CHAPPE_CASSANDRA_HOME"
 fi
 
+# The operator's render tests validate every manifest with
+# kubernetes-validate (PyPI) for Kubernetes 1.30 and 1.33.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    say "installing kubernetes-validate"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet kubernetes-validate
+fi
+
+# The operator's integration test runs against a real kube-apiserver and
+# etcd, built once from the Go module proxy into a cache directory (about
+# ten minutes on two cores the first time; nothing afterwards).
+command -v go >/dev/null 2>&1 || {
+    echo "go not found: install Go 1.24 or newer (it builds kube-apiserver and etcd for the operator's tests)" >&2
+    exit 1
+}
+say "kube-apiserver and etcd (built into a cache directory if missing)"
+CHAPPE_KUBE_APISERVER_BIN="$(scripts/install-kube-apiserver.sh)"
+export CHAPPE_KUBE_APISERVER_BIN
+echo "CHAPPE_KUBE_APISERVER_BIN=$CHAPPE_KUBE_APISERVER_BIN"
+
 # A fresh checkout builds once: incremental caches would only add gigabytes
 # to the disk CI builds on.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

@@ -31,15 +31,16 @@
 //! shared node lives in a static); their directories, left behind then, are
 //! removed by the next start once their test process is gone.
 
+use crate::process::{owned_temp_dir, spawn_tied_to_process};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -623,13 +624,8 @@ impl Launcher {
 
     /// Writes a node's configuration into a new directory and starts it.
     fn spawn_node(&self, spec: &NodeSpec<'_>) -> Result<Node, String> {
-        remove_stale_dirs();
-        let dir = tempfile::Builder::new()
-            .prefix(DIR_PREFIX)
-            .tempdir()
+        let dir = owned_temp_dir("chappe-cql-")
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-        fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
-            .map_err(|e| format!("writing {OWNER_FILE}: {e}"))?;
         let mut node = Node {
             dir,
             address: spec.address,
@@ -655,49 +651,6 @@ fn cassandra_installed(home: &Path) -> bool {
             let name = name.to_string_lossy();
             name.starts_with("cassandra-all-") && name.ends_with(".jar")
         })
-}
-
-const DIR_PREFIX: &str = "chappe-cql-";
-/// The file in a node's directory that holds the id of the test process.
-const OWNER_FILE: &str = "owner.pid";
-
-/// Removes the directories of nodes whose test process is gone (the shared
-/// node's is never dropped).
-fn remove_stale_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
-            continue;
-        }
-        let path = entry.path();
-        let owner = fs::read_to_string(path.join(OWNER_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        let stale = match owner {
-            Some(pid) => !process_alive(pid),
-            // Just created, or not ours: only when old.
-            None => entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age > Duration::from_secs(3600)),
-        };
-        if stale {
-            let _ = fs::remove_dir_all(&path);
-        }
-    }
-}
-
-fn process_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    let result = unsafe { libc::kill(pid, 0) };
-    result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// One database process the harness started, in its own directory.
@@ -1056,53 +1009,6 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Spawns `command` from one thread that lives as long as the test process,
-/// with `PR_SET_PDEATHSIG` = SIGKILL: the database dies with the test
-/// process even when no destructor runs (a static, a panic that aborts, a
-/// killed test), and not when the test thread that started it ends.
-fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
-    type Request = (Command, mpsc::Sender<io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
-
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    let spawner = SPAWNER.get_or_init(|| {
-        let (sender, receiver) = mpsc::channel::<Request>();
-        let started = std::thread::Builder::new()
-            .name("chappe-cql-spawner".to_owned())
-            .spawn(move || {
-                // Ends never: the sender lives in a static.
-                for (mut command, reply) in receiver {
-                    let _ = reply.send(command.spawn());
-                }
-            });
-        if let Err(e) = started {
-            panic!("cannot start the thread that starts CQL test nodes: {e}");
-        }
-        Mutex::new(sender)
-    });
-    let (reply, result) = mpsc::channel();
-    spawner
-        .lock()
-        .map_err(|_| io::Error::other("the CQL node spawner is poisoned"))?
-        .send((command, reply))
-        .map_err(|_| io::Error::other("the CQL node spawner is gone"))?;
-    result
-        .recv()
-        .map_err(|_| io::Error::other("the CQL node spawner did not answer"))?
 }
 
 // The CQL native protocol, version 4, as much as the harness needs:

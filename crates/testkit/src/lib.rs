@@ -13,6 +13,9 @@
 //!   5 from Maven Central's jars, or ScyllaDB when a `scylla` binary is on
 //!   PATH, or an existing cluster named by `CHAPPE_TEST_CQL`), and
 //!   [`cql::CqlCluster`], two nodes in two datacenters.
+//! - [`kube::KubeApiServer`]: a real kube-apiserver over its own etcd
+//!   (built from the Go module proxy by `scripts/install-kube-apiserver.sh`),
+//!   for the operator's integration test; no controllers, no nodes.
 //!
 //! Tests never depend on a server someone left running (CONVENTIONS.md,
 //! "Tests"). A test that cannot start its server panics with a message that
@@ -29,6 +32,8 @@ use tempfile::TempDir;
 
 pub mod cluster;
 pub mod cql;
+pub mod kube;
+mod process;
 
 /// The oldest nats-server the tests accept.
 pub const NATS_MIN_VERSION: (u32, u32) = (2, 12);

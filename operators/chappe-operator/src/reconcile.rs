@@ -367,28 +367,63 @@ async fn cleanup(platform: Arc<ChappePlatform>, ctx: &Context) -> Result<Action>
 }
 
 /// Runs the controller until `shutdown` completes: watches platforms and
-/// the Deployments, StatefulSets and Jobs they own.
+/// the Deployments, StatefulSets and Jobs they own, in every namespace.
 pub async fn run(
     client: Client,
     reporter: Reporter,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let platforms = Api::<ChappePlatform>::all(client.clone());
+    run_scoped(client, None, reporter, metrics, shutdown).await;
+}
+
+/// [`run`] for the platforms of one namespace only (a test that shares its
+/// apiserver with others reconciles its own namespace).
+pub async fn run_namespaced(
+    client: Client,
+    namespace: &str,
+    reporter: Reporter,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    run_scoped(client, Some(namespace), reporter, metrics, shutdown).await;
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn run_scoped(
+    client: Client,
+    namespace: Option<&str>,
+    reporter: Reporter,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     let ctx = Arc::new(Context::new(client.clone(), reporter, metrics));
-    Controller::new(platforms, watcher::Config::default().any_semantic())
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
-        .owns(Api::<Job>::all(client), owned)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((obj, _)) => tracing::debug!(platform = %obj.name, "reconciled"),
-                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
-            }
-        })
-        .await;
+    Controller::new(
+        scoped::<ChappePlatform>(&client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(scoped::<Deployment>(&client, namespace), owned.clone())
+    .owns(scoped::<StatefulSet>(&client, namespace), owned.clone())
+    .owns(scoped::<Job>(&client, namespace), owned)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        match result {
+            Ok((obj, _)) => tracing::debug!(platform = %obj.name, "reconciled"),
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+        }
+    })
+    .await;
 }
