@@ -92,6 +92,12 @@ pub fn settings(ctx: &Ctx<'_>, region: &RegionSpec) -> BTreeMap<String, String> 
         ("CHAPPE_STORE".to_owned(), store_url(ctx, &region.name)),
         ("CHAPPE_LOG_FORMAT".to_owned(), "json".to_owned()),
     ]);
+    // Jobs stream and presence bucket: three copies in a managed NATS
+    // cluster of three or more servers, so losing one loses no job.
+    if let Some(managed) = spec.nats.managed() {
+        let replicas = managed.replicas.clamp(1, 3);
+        env.insert("CHAPPE_JETSTREAM_REPLICAS".into(), replicas.to_string());
+    }
     if let Some(otlp) = &spec.telemetry.otlp_endpoint {
         env.insert("CHAPPE_OTLP_ENDPOINT".into(), otlp.clone());
     }

@@ -262,6 +262,10 @@ fn external_nats_renders_no_nats_servers() {
         config["data"]["CHAPPE_NATS_URL"],
         "nats://fr-par-a:4222,nats://fr-par-b:4222"
     );
+    assert!(
+        config["data"].get("CHAPPE_JETSTREAM_REPLICAS").is_none(),
+        "external NATS: its operator knows its size, the services keep their default"
+    );
 }
 
 #[test]

@@ -186,6 +186,10 @@ async fn first_install_of_three_regions_migrates_then_rolls_out() {
         "nats://chappe-fr-mrs-nats.chappe.svc:4222"
     );
     assert_eq!(config["data"]["CHAPPE_LOG_FORMAT"], "json");
+    assert_eq!(
+        config["data"]["CHAPPE_JETSTREAM_REPLICAS"], "3",
+        "jobs survive the loss of a NATS server"
+    );
 
     assert_eq!(
         r.event_reasons(),
