@@ -97,6 +97,9 @@ pub struct Metrics {
     pub gateway_connected_devices: Gauge,
     /// `chappe_gateway_pushed_frames_total{kind}`.
     pub gateway_pushed_frames: Family<KindLabels, Counter>,
+    /// `chappe_gateway_delivery_lag_seconds`: from a message's storage
+    /// (its `sent_at_ms`, fanout's clock) to its push to a device here.
+    pub gateway_delivery_lag: Histogram,
     /// `chappe_fanout_delivery_jobs_total{outcome}`.
     pub fanout_delivery_jobs: Family<OutcomeLabels, Counter>,
     /// `chappe_fanout_delivery_queue_depth`: jobs waiting, sampled.
@@ -121,6 +124,7 @@ impl Metrics {
             gateway_duration: latency_family(),
             gateway_connected_devices: Gauge::default(),
             gateway_pushed_frames: Family::default(),
+            gateway_delivery_lag: latency_histogram(),
             fanout_delivery_jobs: Family::default(),
             fanout_delivery_queue_depth: Gauge::default(),
             fanout_messages_stored: Counter::default(),
@@ -159,6 +163,13 @@ impl Metrics {
             "chappe_gateway_pushed_frames",
             "Frames pushed to connected devices, by kind",
             m.gateway_pushed_frames.clone(),
+        );
+        registry.register(
+            "chappe_gateway_delivery_lag_seconds",
+            "Time from a message's storage (fanout's clock) to its push to a connected device \
+             (gateway's clock): the server's part of send to delivered; the hosts' clocks must \
+             be synchronised (NTP) for it to mean that across machines",
+            m.gateway_delivery_lag.clone(),
         );
         registry.register(
             "chappe_fanout_delivery_jobs",

@@ -230,6 +230,11 @@ impl Connections {
                 _ => "other",
             },
         };
+        // Storage time of a message, for the delivery lag of each push.
+        let stored_at_ms = match &body {
+            server_frame::Body::Message(m) => Some(m.sent_at_ms),
+            _ => None,
+        };
         for conn in conns {
             let device = conn.device.as_str();
             if only.as_deref().is_some_and(|d| d != device)
@@ -243,10 +248,12 @@ impl Connections {
             };
             match conn.tx.try_send(Ok(frame)) {
                 Ok(()) => {
-                    metrics::metrics()
-                        .gateway_pushed_frames
-                        .get_or_create(&kind)
-                        .inc();
+                    let m = metrics::metrics();
+                    m.gateway_pushed_frames.get_or_create(&kind).inc();
+                    if let Some(at) = stored_at_ms {
+                        let lag_ms = chappe_proto::ids::unix_ms().saturating_sub(at).max(0);
+                        m.gateway_delivery_lag.observe(lag_ms as f64 / 1000.0);
+                    }
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(%user, %device, "device too slow: disconnected, it will resync");

@@ -233,6 +233,11 @@ async fn counters_follow_what_devices_do_and_readiness_follows_nats() {
         sample(&g, "chappe_gateway_pushed_frames_total", "kind=message"),
         N as f64
     );
+    // Each pushed message has its storage-to-push lag observed.
+    assert_eq!(
+        sample(&g, "chappe_gateway_delivery_lag_seconds_count", ""),
+        N as f64
+    );
 
     // The OpenMetrics form is offered to scrapers that ask for it.
     {
