@@ -109,3 +109,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 say "tests"
 cargo test --workspace --locked --no-fail-fast
+
+# The Helm chart, its dashboards and alerts: rendered through Helm 4's Go
+# SDK (PyPI helm-python-sdk, no cluster), validated with kubernetes-validate
+# and promtool, and every metric they query checked against a running
+# `chappe up` (the debug build the tests above made).
+say "chart"
+scripts/test-chart.sh
