@@ -288,13 +288,19 @@ fn binaries() -> PathBuf {
                 build.env_remove(name);
             }
         }
+        // The whole workspace's binaries and tests, as `cargo test
+        // --workspace` builds them: features are unified over what a build
+        // selects, so building only the five services' binaries gave their
+        // dependencies other features (serde_json, regex, chrono, …: the
+        // operator's dependencies add some) and rebuilt them all, over two
+        // minutes of the suite. Under the suite this finds everything built;
+        // alone (`cargo test -p chappe-cli`), the first run builds the
+        // workspace's tests too.
         build
             .arg("build")
             .arg("--manifest-path")
             .arg(&manifest)
-            .args(["--bin", "chappe-keydir", "--bin", "chappe-fanout"])
-            .args(["--bin", "chappe-gateway", "--bin", "chappe-presence"])
-            .args(["--bin", "chappe-media"]);
+            .args(["--workspace", "--bins", "--tests"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
