@@ -31,7 +31,7 @@
 //! shared node lives in a static); their directories, left behind then, are
 //! removed by the next start once their test process is gone.
 
-use crate::process::{owned_temp_dir, spawn_tied_to_process};
+use crate::process::{self, owned_temp_dir, spawn_tied_to_process};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
@@ -933,35 +933,21 @@ impl Node {
 
     /// Sends SIGTERM, without waiting.
     fn terminate(&self) {
-        if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
-            // SAFETY: kill(2) with a pid we own and a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+        if let Some(child) = &self.child {
+            process::terminate(child);
         }
     }
 
     /// SIGTERM, then SIGKILL if the process has not exited after 20 s.
     fn stop(&mut self) {
-        self.terminate();
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(child) = self.child.take() {
+            process::stop(child, STOP_TIMEOUT);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            process::kill(child);
         }
     }
 }

@@ -30,7 +30,7 @@
 //! directories, left behind then, are removed by the next start once their
 //! test process is gone.
 
-use crate::process::{owned_temp_dir, spawn_tied_to_process};
+use crate::process::{self, owned_temp_dir, spawn_tied_to_process};
 use std::fmt;
 use std::fs;
 use std::io::{Read, Write};
@@ -653,30 +653,14 @@ impl Process {
 
     /// SIGTERM, then SIGKILL if the process has not exited in time.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: kill(2) with a pid we own and a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+        if let Some(child) = self.child.take() {
+            process::stop(child, STOP_TIMEOUT);
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            process::kill(child);
         }
     }
 }

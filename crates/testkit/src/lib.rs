@@ -124,31 +124,15 @@ impl NatsServer {
     /// Stops the server gracefully (SIGTERM) and waits for it to exit; kills
     /// it if it takes longer than 30 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: kill(2) with a pid we own and a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+        if let Some(child) = self.child.take() {
+            process::stop(child, STOP_TIMEOUT);
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Kills the server at once (SIGKILL), as a crash or a power loss would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            process::kill(child);
         }
     }
 

@@ -108,3 +108,34 @@ pub(crate) fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
         .recv()
         .map_err(|_| io::Error::other("the test server spawner did not answer"))?
 }
+
+/// Asks `child` to exit (SIGTERM) and waits up to `grace`; kills it
+/// (SIGKILL) if it is still running then.
+pub(crate) fn stop(mut child: Child, grace: Duration) {
+    terminate(&child);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(child);
+}
+
+/// Sends SIGTERM to `child`, without waiting.
+pub(crate) fn terminate(child: &Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+/// Kills `child` at once (SIGKILL), as a crash or a power loss would, and
+/// reaps it.
+pub(crate) fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
