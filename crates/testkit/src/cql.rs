@@ -224,19 +224,7 @@ impl CqlServer {
     /// killed when the test process exits.
     pub fn shared() -> &'static CqlServer {
         static SHARED: OnceLock<Result<CqlServer, String>> = OnceLock::new();
-        let result = SHARED.get_or_init(|| {
-            std::panic::catch_unwind(CqlServer::start).map_err(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "the CQL test node did not start".to_owned())
-            })
-        });
-        match result {
-            Ok(server) => server,
-            Err(e) => panic!("the shared CQL test node is not available: {e}"),
-        }
+        process::shared(&SHARED, CqlServer::start, "CQL test node")
     }
 
     fn from_node(engine: Engine, node: Node, datacenter: &str) -> CqlServer {

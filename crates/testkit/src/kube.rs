@@ -188,19 +188,7 @@ impl KubeApiServer {
     /// is killed when the test process exits.
     pub fn shared() -> &'static KubeApiServer {
         static SHARED: OnceLock<Result<KubeApiServer, String>> = OnceLock::new();
-        let result = SHARED.get_or_init(|| {
-            std::panic::catch_unwind(KubeApiServer::start).map_err(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "kube-apiserver did not start".to_owned())
-            })
-        });
-        match result {
-            Ok(server) => server,
-            Err(e) => panic!("the shared kube-apiserver is not available: {e}"),
-        }
+        process::shared(&SHARED, KubeApiServer::start, "kube-apiserver")
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -498,25 +486,8 @@ fn apiserver_command(bin: &Path, dir: &Path, etcd_port: u16, port: u16) -> Comma
 
 /// Whether etcd answers `GET /health` with `"health":"true"`.
 fn etcd_healthy(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(PROBE_TIMEOUT));
-    if stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .lines()
-        .next()
-        .is_some_and(|status| status.split_whitespace().nth(1) == Some("200"))
-        && response.replace(' ', "").contains("\"health\":\"true\"")
+    process::http_get_ok(port, "/health", PROBE_TIMEOUT)
+        .is_some_and(|body| body.replace(' ', "").contains("\"health\":\"true\""))
 }
 
 /// A TLS client configuration that trusts the test CA only.

@@ -22,7 +22,6 @@
 //! says what to install: it never passes silently.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -314,23 +313,7 @@ fn accepts(port: u16) -> bool {
 }
 
 fn healthy(monitor_port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, monitor_port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .lines()
-        .next()
-        .is_some_and(|status| status.split_whitespace().nth(1) == Some("200"))
+    process::http_get_ok(monitor_port, "/healthz", Duration::from_millis(200)).is_some()
 }
 
 /// A Chappe service binary run as a test would run it: started, waited for

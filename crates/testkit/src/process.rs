@@ -139,3 +139,47 @@ pub(crate) fn kill(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The server in `cell`, started by its first caller with `start`; a start
+/// that panicked is remembered, and every caller panics with its message
+/// (so one failed start does not become a second attempt per test).
+pub(crate) fn shared<T: Sync>(
+    cell: &'static OnceLock<Result<T, String>>,
+    start: fn() -> T,
+    what: &str,
+) -> &'static T {
+    let result = cell.get_or_init(|| {
+        std::panic::catch_unwind(start).map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| format!("{what} did not start"))
+        })
+    });
+    match result {
+        Ok(server) => server,
+        Err(e) => panic!("the shared {what} is not available: {e}"),
+    }
+}
+
+/// `GET path` over plain HTTP/1.0 on a loopback port: the body of a 200
+/// answer, `None` for anything else (refused, timed out, another status).
+pub(crate) fn http_get_ok(port: u16, path: &str, timeout: Duration) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let ok = response
+        .lines()
+        .next()
+        .is_some_and(|status| status.split_whitespace().nth(1) == Some("200"));
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    ok.then(|| body.to_owned())
+}
