@@ -21,7 +21,9 @@ pub mod subjects;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -183,6 +185,30 @@ pub trait Bus: Send + Sync + 'static {
     async fn queue_depth(&self, _queue: &str, _consumer_group: &str) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    /// Waits until what this process left to the bus has reached it (jobs
+    /// handed back by dropped `consume` streams, publications in buffers):
+    /// the last call of a process that stops. The default has nothing to
+    /// wait for.
+    async fn close(&self) {}
+}
+
+/// `jobs` until `token` is cancelled: then it is dropped at once (not when
+/// the jobs in hand are done), so that its pull ends and the jobs it fetched
+/// but did not hand out go back to the queue for other consumers.
+pub fn until_cancelled(jobs: Jobs, token: tokio_util::sync::CancellationToken) -> Jobs {
+    let mut jobs = Some(jobs);
+    let mut cancelled = Box::pin(token.cancelled_owned());
+    Box::pin(futures::stream::poll_fn(move |cx| {
+        let Some(stream) = jobs.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if cancelled.as_mut().poll(cx).is_ready() {
+            jobs = None;
+            return Poll::Ready(None);
+        }
+        stream.as_mut().poll_next(cx)
+    }))
 }
 
 /// `headers` with the current trace context added, unless they carry one:

@@ -23,6 +23,8 @@
 //! Since the stream has work-queue retention, one queue has one consumer
 //! group: JetStream refuses a second group on the same queue.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,8 @@ use async_nats::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     Acker, Bus, Error, Headers, Job, Jobs, Message, Replier, Request, Requests, Result,
@@ -80,11 +84,16 @@ pub struct NatsConfig {
     /// replace `ack_wait`. A nacked or dropped job is not concerned: it comes
     /// back after the delay it was nacked with. Default: empty.
     pub nack_backoff: Vec<Duration>,
-    /// Jobs a consumer asks JetStream for at once. Jobs fetched but not yet
-    /// handed out when a `consume` stream is dropped come back after
-    /// `ack_wait`. Default: 8.
+    /// Jobs a consumer fetches from JetStream at once. Jobs fetched but not
+    /// yet handed out when a `consume` stream is dropped are handed back
+    /// (NAKed) at once. Default: 8.
     pub pull_batch: usize,
-    /// How long one pull request waits on the server for jobs. Default: 30 s.
+    /// How long JetStream holds a job handed back before it offers it again:
+    /// long enough for the other pulls of a process that stops to be gone,
+    /// so that they do not take it back with them. Default: 250 ms.
+    pub hand_back_delay: Duration,
+    /// How long one pull request waits on the server for a job when the
+    /// queue is empty (it is made again on a reconnection). Default: 30 s.
     pub pull_expires: Duration,
     /// Replicas of the jobs stream and of key-value buckets in a JetStream
     /// cluster. Default: 1.
@@ -109,6 +118,7 @@ impl Default for NatsConfig {
             max_deliver: 10,
             nack_backoff: Vec::new(),
             pull_batch: 8,
+            hand_back_delay: Duration::from_millis(250),
             pull_expires: Duration::from_secs(30),
             replicas: 1,
             api_timeout: Duration::from_secs(5),
@@ -156,6 +166,10 @@ struct Inner {
     stream_name: String,
     /// `<prefix>.jobs.`
     queue_prefix: String,
+    /// Counts the connections made, the first included.
+    connections: watch::Receiver<u64>,
+    /// Jobs being handed back, which `close` waits for.
+    background: TaskTracker,
 }
 
 impl NatsBus {
@@ -178,6 +192,7 @@ impl NatsBus {
         }
         let name = config.connection_name.clone();
         let delay_max = config.reconnect_delay_max;
+        let (connected, connections) = watch::channel(0u64);
         let client = ConnectOptions::new()
             .name(&config.connection_name)
             .max_reconnects(None)
@@ -191,6 +206,9 @@ impl NatsBus {
                 }
             })
             .event_callback(move |event| {
+                if let Event::Connected = event {
+                    connected.send_modify(|n| *n += 1);
+                }
                 let name = name.clone();
                 async move { log_event(&name, event) }
             })
@@ -208,6 +226,8 @@ impl NatsBus {
             config,
             stream_name,
             queue_prefix,
+            connections,
+            background: TaskTracker::new(),
         });
         inner.ensure_stream().await?;
         Ok(NatsBus { inner })
@@ -310,6 +330,39 @@ fn from_nats(message: async_nats::Message) -> Message {
 }
 
 impl Inner {
+    /// Hands back `fetched`, then what `rest` still brings, in the
+    /// background: a NAK with `hand_back_delay`, so that another consumer
+    /// takes them now rather than after `ack_wait`.
+    fn hand_back(&self, queue: &str, fetched: Vec<jetstream::Message>, rest: Option<pull::Batch>) {
+        let queue = queue.to_owned();
+        let delay = Some(self.config.hand_back_delay).filter(|d| !d.is_zero());
+        let wait = self.config.api_timeout;
+        self.in_background(async move {
+            let nak = |message: jetstream::Message| async move {
+                message.double_ack_with(AckKind::Nak(delay)).await.is_ok()
+            };
+            let mut handed = futures::future::join_all(fetched.into_iter().map(nak)).await;
+            if let Some(mut rest) = rest {
+                while let Ok(Some(Ok(message))) = tokio::time::timeout(wait, rest.next()).await {
+                    handed.push(nak(message).await);
+                }
+            }
+            let lost = handed.iter().filter(|ok| !**ok).count();
+            if lost > 0 {
+                tracing::warn!(%queue, lost, "fetched jobs not handed back: they return after ack_wait");
+            }
+            tracing::debug!(%queue, count = handed.len(), "fetched jobs handed back");
+        });
+    }
+
+    /// Runs `task` on the current runtime, tracked for `close`; without a
+    /// runtime (the process is ending), `ack_wait` brings its jobs back.
+    fn in_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.background.track_future(task));
+        }
+    }
+
     async fn retry_pause(&self, retry: u32) {
         let config = &self.config;
         tokio::time::sleep(backoff(
@@ -541,12 +594,8 @@ impl Drop for NatsAcker {
         let Some((acker, message)) = self.pending.take() else {
             return;
         };
-        // Without a runtime, `ack_wait` brings the job back.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (inner, queue, attempt) = (self.inner.clone(), self.queue.clone(), self.attempt);
-        runtime.spawn(async move {
+        self.inner.clone().in_background(async move {
             if let Err(e) = inner
                 .retry_or_dead(&queue, attempt, &message, &acker, Duration::ZERO)
                 .await
@@ -558,12 +607,24 @@ impl Drop for NatsAcker {
 }
 
 /// The state of one `consume` stream.
+///
+/// Jobs are pulled in batches the bus holds itself (a no-wait fetch of up
+/// to `pull_batch`, or, when the queue is empty, a long poll for one), so
+/// that a stream dropped — a consumer shutting down — hands back at once
+/// the jobs it fetched and never handed out, instead of leaving them to
+/// `ack_wait`.
 struct Consuming {
     inner: Arc<Inner>,
     queue: String,
     consumer_name: String,
     consumer: Option<PullConsumer>,
-    messages: Option<pull::Stream>,
+    /// Fetched from JetStream, not yet handed out.
+    fetched: VecDeque<jetstream::Message>,
+    /// The connection `fetched` came on (see `reconnected`).
+    fetched_on: u64,
+    /// Changes when the connection is made again (a pull request waiting on
+    /// a server that restarted is gone with it).
+    reconnected: watch::Receiver<u64>,
     /// Consecutive failures, for the backoff.
     failures: u32,
 }
@@ -571,49 +632,37 @@ struct Consuming {
 impl Consuming {
     async fn next_job(&mut self) -> Job {
         loop {
-            if self.messages.is_none() {
-                if self.failures > 0 {
-                    self.inner.retry_pause(self.failures).await;
-                }
-                match self.open().await {
-                    Ok(messages) => self.messages = Some(messages),
-                    Err(e) => {
-                        self.failures = self.failures.saturating_add(1);
-                        tracing::warn!(queue = %self.queue, error = %e, "cannot pull jobs: retrying");
-                        continue;
-                    }
-                }
+            if *self.reconnected.borrow() != self.fetched_on {
+                // Jobs fetched on a connection that is gone may belong to a
+                // server that restarted: their acks could hang. Hand them
+                // back (in vain if JetStream already took them back).
+                self.hand_back();
             }
-            let Some(messages) = self.messages.as_mut() else {
+            if let Some(message) = self.fetched.pop_front() {
+                if let Some(job) = self.job(message).await {
+                    return job;
+                }
                 continue;
-            };
-            match messages.next().await {
-                Some(Ok(message)) => {
-                    self.failures = 0;
-                    if let Some(job) = self.job(message).await {
-                        return job;
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(queue = %self.queue, error = %e, "pulling jobs failed: reopening");
-                    self.reopen();
-                }
-                None => {
-                    tracing::warn!(queue = %self.queue, "job pull ended: reopening");
-                    self.reopen();
+            }
+            if self.failures > 0 {
+                self.inner.retry_pause(self.failures).await;
+            }
+            match self.fill().await {
+                Ok(()) => self.failures = 0,
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "cannot pull jobs: retrying");
+                    // The consumer may be gone (a server that lost its
+                    // store): make it again.
+                    self.consumer = None;
+                    self.failures = self.failures.saturating_add(1);
                 }
             }
         }
     }
 
-    fn reopen(&mut self) {
-        self.messages = None;
-        // The consumer may be gone (a server that lost its store): make it again.
-        self.consumer = None;
-        self.failures = self.failures.saturating_add(1);
-    }
-
-    async fn open(&mut self) -> Result<pull::Stream> {
+    /// Fetches the jobs waiting, up to `pull_batch`; when there are none,
+    /// waits for one, up to `pull_expires`. May end with nothing fetched.
+    async fn fill(&mut self) -> Result<()> {
         let consumer = match self.consumer.take() {
             Some(c) => c,
             None => {
@@ -622,18 +671,61 @@ impl Consuming {
                     .await?
             }
         };
+        let consumer = self.consumer.insert(consumer).clone();
         let config = &self.inner.config;
+        let (batch, api_timeout) = (config.pull_batch.max(1), config.api_timeout);
         let expires = config.pull_expires.max(Duration::from_secs(1));
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(config.pull_batch.max(1))
-            .expires(expires)
-            .heartbeat((expires / 4).min(Duration::from_secs(5)))
-            .messages()
+
+        self.fetched_on = *self.reconnected.borrow_and_update();
+        let waiting = consumer.fetch().max_messages(batch).messages();
+        self.pull(waiting, api_timeout, Unfinished::HandBack)
+            .await?;
+        if !self.fetched.is_empty() {
+            return Ok(());
+        }
+        self.fetched_on = *self.reconnected.borrow_and_update();
+        let next = consumer.batch().max_messages(1).expires(expires).messages();
+        // Dropped, this one is forgotten by the server with its inbox.
+        self.pull(next, expires + api_timeout, Unfinished::Drop)
             .await
-            .map_err(|e| Error::Transport(format!("pulling {}: {e}", self.queue)))?;
-        self.consumer = Some(consumer);
-        Ok(messages)
+    }
+
+    /// Runs one pull request to its end, moving its jobs into `fetched` as
+    /// they come. A reconnection ends it early (the request may have been
+    /// lost with the server it went to), and so does `limit`, as an error;
+    /// `unfinished` says what becomes of jobs still coming then.
+    async fn pull<E: std::fmt::Display>(
+        &mut self,
+        request: impl Future<Output = std::result::Result<pull::Batch, E>>,
+        limit: Duration,
+        unfinished: Unfinished,
+    ) -> Result<()> {
+        let Self {
+            inner,
+            queue,
+            fetched,
+            reconnected,
+            ..
+        } = self;
+        let failed = |e: &dyn std::fmt::Display| Error::Transport(format!("pulling {queue}: {e}"));
+        let collect = async {
+            let mut pulling = Pulling {
+                batch: Some(request.await.map_err(|e| failed(&e))?),
+                unfinished,
+                inner: inner.clone(),
+                queue: queue.clone(),
+            };
+            while let Some(message) = pulling.next().await {
+                fetched.push_back(message.map_err(|e| failed(&e))?);
+            }
+            Ok(())
+        };
+        tokio::select! {
+            pulled = tokio::time::timeout(limit, collect) => {
+                pulled.unwrap_or_else(|_| Err(failed(&format!("no answer in {limit:?}"))))
+            }
+            _ = reconnected.changed() => Ok(()),
+        }
     }
 
     /// A job from a delivered message, or `None` when it had used all its
@@ -660,6 +752,60 @@ impl Consuming {
             pending: Some((acker, message.clone())),
         };
         Some(Job::new(message, attempt, Box::new(acker)))
+    }
+}
+
+impl Drop for Consuming {
+    fn drop(&mut self) {
+        self.hand_back();
+    }
+}
+
+impl Consuming {
+    /// Hands back (NAKs) the jobs fetched and never handed out, for another
+    /// consumer to take now, in the background (`NatsBus::close` waits).
+    fn hand_back(&mut self) {
+        if !self.fetched.is_empty() {
+            let fetched = std::mem::take(&mut self.fetched);
+            self.inner.hand_back(&self.queue, fetched.into(), None);
+        }
+    }
+}
+
+/// What becomes of the jobs a pull request still brings when it is dropped.
+#[derive(Clone, Copy)]
+enum Unfinished {
+    /// They are read to the end of the pull and handed back (a no-wait
+    /// fetch ends within a round trip).
+    HandBack,
+    /// The pull is dropped with its inbox, and the server forgets it.
+    Drop,
+}
+
+/// One pull request being read.
+struct Pulling {
+    /// `None` once read to its end.
+    batch: Option<pull::Batch>,
+    unfinished: Unfinished,
+    inner: Arc<Inner>,
+    queue: String,
+}
+
+impl Pulling {
+    async fn next(&mut self) -> Option<std::result::Result<jetstream::Message, async_nats::Error>> {
+        let item = self.batch.as_mut()?.next().await;
+        if item.is_none() {
+            self.batch = None;
+        }
+        item
+    }
+}
+
+impl Drop for Pulling {
+    fn drop(&mut self) {
+        if let (Some(rest), Unfinished::HandBack) = (self.batch.take(), self.unfinished) {
+            self.inner.hand_back(&self.queue, Vec::new(), Some(rest));
+        }
     }
 }
 
@@ -802,6 +948,25 @@ impl Bus for NatsBus {
         Ok(Some(info.num_pending + info.num_ack_pending as u64))
     }
 
+    /// Waits until the jobs dropped or fetched by `consume` streams that are
+    /// gone have been handed back, then until the server has everything
+    /// published: what a process does last before it exits.
+    async fn close(&self) {
+        let inner = &self.inner;
+        inner.background.close();
+        let flushed = async {
+            inner.background.wait().await;
+            inner.client.flush().await
+        };
+        match tokio::time::timeout(inner.config.api_timeout, flushed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "NATS not flushed at close"),
+            Err(_) => {
+                tracing::warn!("jobs not all handed back at close: they return after ack_wait")
+            }
+        }
+    }
+
     async fn consume(&self, queue: &str, consumer_group: &str) -> Result<Jobs> {
         self.inner.check_queue(queue)?;
         if consumer_group.is_empty() {
@@ -815,7 +980,9 @@ impl Bus for NatsBus {
             queue: queue.to_owned(),
             consumer_name,
             consumer: Some(consumer),
-            messages: None,
+            fetched: VecDeque::new(),
+            fetched_on: *self.inner.connections.borrow(),
+            reconnected: self.inner.connections.clone(),
             failures: 0,
         };
         Ok(Box::pin(futures::stream::unfold(

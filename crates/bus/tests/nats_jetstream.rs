@@ -101,3 +101,58 @@ async fn key_value_buckets_are_created_or_opened() {
         Err(Error::Transport(_))
     ));
 }
+
+/// A consumer that stops (a fanout shutting down) hands back at once the
+/// jobs it had fetched and not handed out: another consumer gets them long
+/// before `ack_wait` would bring them back.
+#[tokio::test]
+async fn a_stopped_consumer_hands_back_what_it_fetched_at_once() {
+    use futures::StreamExt;
+    use std::collections::BTreeSet;
+
+    const JOBS: usize = 20;
+    let server = NatsServer::start();
+    let config = NatsConfig {
+        ack_wait: Duration::from_secs(120),
+        pull_batch: 8,
+        ..NatsConfig::with_url(server.url())
+    };
+    let leaving = NatsBus::connect(config.clone()).await.unwrap();
+    let staying = NatsBus::connect(config).await.unwrap();
+    let queue = "chappe.jobs.deliver";
+    for i in 0..JOBS {
+        leaving
+            .enqueue(queue, Headers::new(), Bytes::from(format!("job {i}")))
+            .await
+            .unwrap();
+    }
+    let mut jobs = leaving.consume(queue, "fanout-delivery").await.unwrap();
+    let first = jobs.next().await.unwrap();
+    let first_payload = first.message.payload.clone();
+    first.ack().await.unwrap();
+    // One handed out and settled; up to seven more fetched with it.
+    drop(jobs);
+    leaving.close().await;
+
+    let started = std::time::Instant::now();
+    let mut jobs = staying.consume(queue, "fanout-delivery").await.unwrap();
+    let mut seen = BTreeSet::new();
+    while seen.len() < JOBS - 1 {
+        let job = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+            .await
+            .expect("the fetched jobs came back before ack_wait")
+            .unwrap();
+        assert_ne!(job.message.payload, first_payload, "an acked job came back");
+        assert!(
+            seen.insert(job.message.payload.clone()),
+            "{:?} twice",
+            job.message.payload
+        );
+        job.ack().await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}

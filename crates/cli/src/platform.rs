@@ -279,6 +279,7 @@ impl Platform {
         self.presence.stop().await;
         self.fanout.stop().await;
         self.keydir.stop().await;
+        self.bus.close().await;
         gateway
     }
 }

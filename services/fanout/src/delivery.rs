@@ -112,7 +112,7 @@ impl Worker {
     /// finishes those in hand.
     async fn run(self, jobs: chappe_bus::Jobs, token: CancellationToken) {
         let worker = &self;
-        jobs.take_until(token.cancelled_owned())
+        chappe_bus::until_cancelled(jobs, token)
             .for_each_concurrent(self.in_flight, |job| worker.handle(job))
             .await;
     }

@@ -67,13 +67,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     telemetry.announce("chappe-fanout");
-    let fanout = Fanout::start(config, store, bus, Subjects::new(service.prefix))
+    let fanout = Fanout::start(config, store, bus.clone(), Subjects::new(service.prefix))
         .await
         .context("starting fanout")?;
     announce("chappe-fanout ready");
     chappe_telemetry::shutdown_signal().await;
-    // Requests and jobs in hand are finished; jobs not taken stay queued.
+    // Requests and jobs in hand are finished; jobs fetched and not taken
+    // are handed back for another fanout.
     fanout.stop().await;
+    bus.close().await;
     telemetry.shutdown().await;
     Ok(())
 }

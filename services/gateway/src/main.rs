@@ -93,7 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     telemetry.announce("chappe-gateway");
     let gateway = Gateway::bind(
         config,
-        bus,
+        bus.clone(),
         Subjects::new(args.service.prefix.clone()),
         Arc::new(keys),
         identity,
@@ -104,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         gateway.local_addr()?
     ));
     let served = gateway.run(chappe_telemetry::shutdown_signal()).await;
+    bus.close().await;
     telemetry.shutdown().await;
     served?;
     Ok(())

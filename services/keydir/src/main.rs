@@ -42,7 +42,7 @@ async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
     let server = chappe_keydir::start(
         KeydirConfig::default(),
         store,
-        bus,
+        bus.clone(),
         Subjects::new(args.prefix),
     )
     .await
@@ -50,6 +50,7 @@ async fn run(Args { service: args }: Args) -> anyhow::Result<()> {
     announce("chappe-keydir ready");
     chappe_telemetry::shutdown_signal().await;
     server.stop().await;
+    bus.close().await;
     telemetry.shutdown().await;
     Ok(())
 }

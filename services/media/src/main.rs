@@ -106,7 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let media = Media::start(
         config,
         store,
-        bus,
+        bus.clone(),
         Subjects::new(service.prefix),
         Arc::new(SystemClock),
     )
@@ -115,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     announce("chappe-media ready");
     chappe_telemetry::shutdown_signal().await;
     media.stop().await;
+    bus.close().await;
     telemetry.shutdown().await;
     Ok(())
 }

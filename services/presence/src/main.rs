@@ -78,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config,
         Arc::new(store),
         settings,
-        bus,
+        bus.clone(),
         Subjects::new(service.prefix),
     )
     .await
@@ -86,6 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     announce("chappe-presence ready");
     chappe_telemetry::shutdown_signal().await;
     presence.stop().await;
+    bus.close().await;
     telemetry.shutdown().await;
     Ok(())
 }
