@@ -70,11 +70,30 @@ async fn messaging_core_scenarios_pass_with_every_service_in_its_own_process() {
     cluster.cluster.stop();
 }
 
-/// Messages one device received, in arrival order.
+/// Messages one device received, in arrival order, and why its
+/// connection ended, each time it did.
 #[derive(Default)]
 struct Inbox {
     bodies: Vec<String>,
     ids: Vec<String>,
+    disconnections: Vec<String>,
+}
+
+impl Inbox {
+    /// Keeps `event` if it is a message from another device, or a
+    /// disconnection.
+    fn keep(&mut self, me: &(String, String), event: Event) {
+        match event {
+            Event::Message(m)
+                if (m.sender_user.as_str(), m.sender_device.as_str()) != (&me.0[..], &me.1[..]) =>
+            {
+                self.bodies.push(m.body);
+                self.ids.push(m.message_id.to_string());
+            }
+            Event::Disconnected { reason } => self.disconnections.push(reason),
+            _ => {}
+        }
+    }
 }
 
 /// Reads `events` until `expected` messages from other devices arrived (or
@@ -88,27 +107,16 @@ async fn collect(
     let mut inbox = Inbox::default();
     let deadline = tokio::time::Instant::now() + limit;
     while inbox.bodies.len() < expected {
-        let event = match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(event)) => event,
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(event)) => inbox.keep(&me, event),
             Ok(None) | Err(_) => break,
-        };
-        if let Event::Message(m) = event
-            && (m.sender_user.as_str(), m.sender_device.as_str()) != (&me.0[..], &me.1[..])
-        {
-            inbox.bodies.push(m.body);
-            inbox.ids.push(m.message_id.to_string());
         }
     }
     // Anything after the last expected message would be a duplicate.
     while let Ok(Some(event)) =
         tokio::time::timeout(Duration::from_millis(500), events.next()).await
     {
-        if let Event::Message(m) = event
-            && (m.sender_user.as_str(), m.sender_device.as_str()) != (&me.0[..], &me.1[..])
-        {
-            inbox.bodies.push(m.body);
-            inbox.ids.push(m.message_id.to_string());
-        }
+        inbox.keep(&me, event);
     }
     inbox
 }
@@ -343,6 +351,117 @@ async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
     let expected: BTreeSet<String> = (0..COUNT).map(|i| format!("dépêche {i}")).collect();
     assert_exactly_once("bob/phone", &phone.await.unwrap(), &expected);
     assert_exactly_once("bob/laptop", &laptop.await.unwrap(), &expected);
+    let stored = cluster
+        .store()
+        .messages_after(chat, None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), COUNT, "each message stored once");
+}
+
+/// A rolling restart as Kubernetes does it (SIGTERM, then a grace period)
+/// while messages flow: fanout 0 finishes what it has in hand and hands
+/// back the jobs it had fetched (shown on its own, with a backlog, in
+/// fanout's `tests/process.rs`); gateway 0 tells its devices to go, and they
+/// move to gateway 1 at once and sync. A job left behind would wait two
+/// minutes (`ack_wait`) for another fanout: every message arrives well
+/// within that, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_and_a_fanout_stopped_by_sigterm_hand_over_without_loss() {
+    const COUNT: usize = 400;
+    let mut config = unlimited();
+    config
+        .env
+        .retain(|(name, _)| name != "CHAPPE_JOB_ACK_WAIT_MS");
+    config
+        .env
+        .push(("CHAPPE_JOB_ACK_WAIT_MS".into(), "120000".into()));
+    let mut cluster = TestCluster::start_with(config);
+    let urls = cluster.gateway_urls();
+    let on = |first: usize, name: &str| {
+        let mut config = patient(client_config(&cluster, name));
+        config.server_url = urls[first].clone();
+        config.failover_urls = vec![urls[1 - first].clone()];
+        config
+    };
+    // Alice sends on gateway 1 throughout; bob's phone is on gateway 0.
+    let alice = Client::login_dev(on(1, "alice"), "alice", "laptop")
+        .await
+        .unwrap();
+    let bob_phone = Client::login_dev(on(0, "bob-phone"), "bob", "phone")
+        .await
+        .unwrap();
+    let bob_laptop = Client::login_dev(on(1, "bob-laptop"), "bob", "laptop")
+        .await
+        .unwrap();
+    let _alice_events = alice.connect().await.unwrap();
+    let phone_events = bob_phone.connect().await.unwrap();
+    let laptop_events = bob_laptop.connect().await.unwrap();
+    let chat = alice
+        .create_conversation(ConversationKind::Direct, &[UserId::parse("bob").unwrap()])
+        .await
+        .unwrap()
+        .id;
+    // Well under the two minutes a job left behind would wait.
+    let limit = Duration::from_secs(60);
+    let phone = tokio::spawn(collect(
+        ("bob".into(), "phone".into()),
+        phone_events,
+        COUNT,
+        limit,
+    ));
+    let laptop = tokio::spawn(collect(
+        ("bob".into(), "laptop".into()),
+        laptop_events,
+        COUNT,
+        limit,
+    ));
+    // Bursts of 20 sends at once, so that jobs queue up.
+    let alice = Arc::new(alice);
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            for burst in 0..COUNT / 20 {
+                let sends = (0..20).map(|i| {
+                    let alice = alice.clone();
+                    let body = format!("relève {}", burst * 20 + i);
+                    async move {
+                        alice
+                            .send_text(&chat, &body)
+                            .await
+                            .unwrap_or_else(|e| panic!("{body}: {e}"))
+                    }
+                });
+                futures::future::join_all(sends).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (fanout, gateway) = tokio::task::block_in_place(|| {
+        let fanout = cluster.cluster.terminate_fanout(0);
+        let gateway = cluster.cluster.terminate_gateway(0);
+        (fanout, gateway)
+    });
+    assert!(gateway.expect("gateway 0 ran").success(), "{gateway:?}");
+    assert!(fanout.expect("fanout 0 ran").success(), "{fanout:?}");
+    sender.await.unwrap();
+
+    let expected: BTreeSet<String> = (0..COUNT).map(|i| format!("relève {i}")).collect();
+    let phone = phone.await.unwrap();
+    assert_exactly_once("bob/phone", &phone, &expected);
+    assert_exactly_once("bob/laptop", &laptop.await.unwrap(), &expected);
+    eprintln!("all delivered {:?} after the start", started.elapsed());
+    // The phone was told to go, not cut off.
+    assert!(
+        phone
+            .disconnections
+            .iter()
+            .any(|reason| reason.contains("going away")),
+        "{:?}",
+        phone.disconnections
+    );
     let stored = cluster
         .store()
         .messages_after(chat, None, 1000)

@@ -188,6 +188,11 @@ impl Cluster {
         self.fanouts[i].start();
     }
 
+    /// SIGTERM to fanout `i`, returning how it exited.
+    pub fn terminate_fanout(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.fanouts[i].terminate()
+    }
+
     /// `kill -9` of gateway `i`.
     pub fn kill_gateway(&mut self, i: usize) {
         self.gateways[i].kill();

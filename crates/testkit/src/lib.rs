@@ -334,9 +334,14 @@ impl ServiceProcess {
     /// Panics if the process exits before it is ready.
     pub fn start(command: &mut Command) -> (ServiceProcess, String) {
         use std::io::BufRead as _;
+        // CHAPPE_TEST_SERVICE_LOGS=1 shows the services' logs, for debugging.
+        let logs = match std::env::var_os("CHAPPE_TEST_SERVICE_LOGS") {
+            Some(_) => Stdio::inherit(),
+            None => Stdio::null(),
+        };
         let child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(logs)
             .spawn()
             .unwrap_or_else(|e| panic!("{command:?} does not start: {e}"));
         // Owned from here on: a panic below kills and reaps it (Drop).
