@@ -724,7 +724,9 @@ impl Consuming {
             pulled = tokio::time::timeout(limit, collect) => {
                 pulled.unwrap_or_else(|_| Err(failed(&format!("no answer in {limit:?}"))))
             }
-            _ = reconnected.changed() => Ok(()),
+            // (Without a sender, the connection is gone for good: no
+            // reconnection will come.)
+            Ok(()) = reconnected.changed() => Ok(()),
         }
     }
 
