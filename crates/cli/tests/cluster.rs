@@ -292,19 +292,32 @@ async fn ten_thousand_messages_among_twenty_devices_survive_fanouts_killed_every
     cluster.cluster.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
-    const COUNT: usize = 200;
-    let mut cluster = TestCluster::start_with(unlimited());
+/// Alice, and bob with his phone on gateway 0 and his laptop on gateway 1,
+/// every device able to move to the other gateway; bob's devices collect
+/// `count` messages (for at most `limit`) in a direct conversation.
+struct AcrossGateways {
+    alice: Client,
+    chat: ConversationId,
+    phone: tokio::task::JoinHandle<Inbox>,
+    laptop: tokio::task::JoinHandle<Inbox>,
+    /// Alice's events, and bob's devices: connected while they are held.
+    _held: (Events, Client, Client),
+}
+
+async fn across_gateways(
+    cluster: &TestCluster,
+    alice_on: usize,
+    count: usize,
+    limit: Duration,
+) -> AcrossGateways {
     let urls = cluster.gateway_urls();
     let on = |first: usize, name: &str| {
-        let mut config = patient(client_config(&cluster, name));
+        let mut config = patient(client_config(cluster, name));
         config.server_url = urls[first].clone();
         config.failover_urls = vec![urls[1 - first].clone()];
         config
     };
-    // Alice and bob's phone on gateway 0, bob's laptop on gateway 1.
-    let alice = Client::login_dev(on(0, "alice"), "alice", "laptop")
+    let alice = Client::login_dev(on(alice_on, "alice"), "alice", "laptop")
         .await
         .unwrap();
     let bob_phone = Client::login_dev(on(0, "bob-phone"), "bob", "phone")
@@ -313,7 +326,7 @@ async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
     let bob_laptop = Client::login_dev(on(1, "bob-laptop"), "bob", "laptop")
         .await
         .unwrap();
-    let _alice_events = alice.connect().await.unwrap();
+    let alice_events = alice.connect().await.unwrap();
     let phone_events = bob_phone.connect().await.unwrap();
     let laptop_events = bob_laptop.connect().await.unwrap();
     let chat = alice
@@ -321,18 +334,30 @@ async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
         .await
         .unwrap()
         .id;
-    let phone = tokio::spawn(collect(
-        ("bob".into(), "phone".into()),
-        phone_events,
-        COUNT,
-        Duration::from_secs(120),
-    ));
-    let laptop = tokio::spawn(collect(
-        ("bob".into(), "laptop".into()),
-        laptop_events,
-        COUNT,
-        Duration::from_secs(120),
-    ));
+    let bob = |device: &str, events| {
+        tokio::spawn(collect(("bob".into(), device.into()), events, count, limit))
+    };
+    AcrossGateways {
+        phone: bob("phone", phone_events),
+        laptop: bob("laptop", laptop_events),
+        alice,
+        chat,
+        _held: (alice_events, bob_phone, bob_laptop),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
+    const COUNT: usize = 200;
+    let mut cluster = TestCluster::start_with(unlimited());
+    // Alice and bob's phone on gateway 0, bob's laptop on gateway 1.
+    let AcrossGateways {
+        alice,
+        chat,
+        phone,
+        laptop,
+        _held,
+    } = across_gateways(&cluster, 0, COUNT, Duration::from_secs(120)).await;
 
     let sender = tokio::spawn(async move {
         for i in 0..COUNT {
@@ -377,45 +402,16 @@ async fn a_gateway_and_a_fanout_stopped_by_sigterm_hand_over_without_loss() {
         .env
         .push(("CHAPPE_JOB_ACK_WAIT_MS".into(), "120000".into()));
     let mut cluster = TestCluster::start_with(config);
-    let urls = cluster.gateway_urls();
-    let on = |first: usize, name: &str| {
-        let mut config = patient(client_config(&cluster, name));
-        config.server_url = urls[first].clone();
-        config.failover_urls = vec![urls[1 - first].clone()];
-        config
-    };
     // Alice sends on gateway 1 throughout; bob's phone is on gateway 0.
-    let alice = Client::login_dev(on(1, "alice"), "alice", "laptop")
-        .await
-        .unwrap();
-    let bob_phone = Client::login_dev(on(0, "bob-phone"), "bob", "phone")
-        .await
-        .unwrap();
-    let bob_laptop = Client::login_dev(on(1, "bob-laptop"), "bob", "laptop")
-        .await
-        .unwrap();
-    let _alice_events = alice.connect().await.unwrap();
-    let phone_events = bob_phone.connect().await.unwrap();
-    let laptop_events = bob_laptop.connect().await.unwrap();
-    let chat = alice
-        .create_conversation(ConversationKind::Direct, &[UserId::parse("bob").unwrap()])
-        .await
-        .unwrap()
-        .id;
-    // Well under the two minutes a job left behind would wait.
+    // Well under the two minutes a job left behind would wait:
     let limit = Duration::from_secs(60);
-    let phone = tokio::spawn(collect(
-        ("bob".into(), "phone".into()),
-        phone_events,
-        COUNT,
-        limit,
-    ));
-    let laptop = tokio::spawn(collect(
-        ("bob".into(), "laptop".into()),
-        laptop_events,
-        COUNT,
-        limit,
-    ));
+    let AcrossGateways {
+        alice,
+        chat,
+        phone,
+        laptop,
+        _held,
+    } = across_gateways(&cluster, 1, COUNT, limit).await;
     // Bursts of 20 sends at once, so that jobs queue up.
     let alice = Arc::new(alice);
     let sender = {
