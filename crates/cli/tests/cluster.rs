@@ -346,6 +346,27 @@ async fn across_gateways(
     }
 }
 
+/// Both of bob's devices got each of `expected` exactly once, and the store
+/// holds each once; returns what the phone saw.
+async fn bob_got_each_once(
+    cluster: &TestCluster,
+    chat: ConversationId,
+    phone: tokio::task::JoinHandle<Inbox>,
+    laptop: tokio::task::JoinHandle<Inbox>,
+    expected: &BTreeSet<String>,
+) -> Inbox {
+    let phone = phone.await.unwrap();
+    assert_exactly_once("bob/phone", &phone, expected);
+    assert_exactly_once("bob/laptop", &laptop.await.unwrap(), expected);
+    let stored = cluster
+        .store()
+        .messages_after(chat, None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), expected.len(), "each message stored once");
+    phone
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
     const COUNT: usize = 200;
@@ -374,14 +395,7 @@ async fn a_killed_gateways_clients_move_to_the_other_and_lose_nothing() {
     let _alice = sender.await.unwrap();
 
     let expected: BTreeSet<String> = (0..COUNT).map(|i| format!("dépêche {i}")).collect();
-    assert_exactly_once("bob/phone", &phone.await.unwrap(), &expected);
-    assert_exactly_once("bob/laptop", &laptop.await.unwrap(), &expected);
-    let stored = cluster
-        .store()
-        .messages_after(chat, None, 1000)
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), COUNT, "each message stored once");
+    bob_got_each_once(&cluster, chat, phone, laptop, &expected).await;
 }
 
 /// A rolling restart as Kubernetes does it (SIGTERM, then a grace period)
@@ -445,9 +459,7 @@ async fn a_gateway_and_a_fanout_stopped_by_sigterm_hand_over_without_loss() {
     sender.await.unwrap();
 
     let expected: BTreeSet<String> = (0..COUNT).map(|i| format!("relève {i}")).collect();
-    let phone = phone.await.unwrap();
-    assert_exactly_once("bob/phone", &phone, &expected);
-    assert_exactly_once("bob/laptop", &laptop.await.unwrap(), &expected);
+    let phone = bob_got_each_once(&cluster, chat, phone, laptop, &expected).await;
     eprintln!("all delivered {:?} after the start", started.elapsed());
     // The phone was told to go, not cut off.
     assert!(
@@ -458,12 +470,6 @@ async fn a_gateway_and_a_fanout_stopped_by_sigterm_hand_over_without_loss() {
         "{:?}",
         phone.disconnections
     );
-    let stored = cluster
-        .store()
-        .messages_after(chat, None, 1000)
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), COUNT, "each message stored once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
