@@ -386,12 +386,7 @@ impl ServiceProcess {
 
     /// Sends SIGTERM and returns how the process exited.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) with a pid we own and a valid signal number.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+        process::terminate(&self.child);
         self.child.wait().expect("the process is waited for")
     }
 
