@@ -663,6 +663,8 @@ impl Consuming {
     /// Fetches the jobs waiting, up to `pull_batch`; when there are none,
     /// waits for one, up to `pull_expires`. May end with nothing fetched.
     async fn fill(&mut self) -> Result<()> {
+        // Taken out for the pulls to borrow, put back after them (on an
+        // error `next_job` makes it again).
         let consumer = match self.consumer.take() {
             Some(c) => c,
             None => {
@@ -671,7 +673,13 @@ impl Consuming {
                     .await?
             }
         };
-        let consumer = self.consumer.insert(consumer).clone();
+        let pulled = self.pull_from(&consumer).await;
+        self.consumer = Some(consumer);
+        pulled
+    }
+
+    /// `fill` with `consumer`.
+    async fn pull_from(&mut self, consumer: &PullConsumer) -> Result<()> {
         let config = &self.inner.config;
         let (batch, api_timeout) = (config.pull_batch.max(1), config.api_timeout);
         let expires = config.pull_expires.max(Duration::from_secs(1));
